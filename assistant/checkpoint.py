@@ -1,0 +1,111 @@
+"""Our checkpoint format: a directory of JSON and safetensors only.
+
+    vlm_config.json            what to build (ModelConfig)
+    vision_tower.safetensors   vision tower weights
+    projector.safetensors      projector weights
+    preprocessor_config.json   the image processor
+    adapter/                   optional peft LoRA adapter on top of the LLM named in vlm_config.json
+    llm/                       optional full LLM (+ tokenizer), when its weights were trained or merged
+
+No pickle is ever read and no remote code is ever run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor
+
+from .builder import build_model
+from .config import CONFIG_NAME, ModelConfig
+from .llm import load_llm, refuse_pickle_only
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def is_checkpoint(path) -> bool:
+    return Path(path, CONFIG_NAME).is_file()
+
+
+def state_dict_for_saving(module: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> Path:
+    """Write the model to `directory` atomically (a crash leaves the old checkpoint or none).
+
+    `save_llm`: also write the full LLM (when its own weights were trained, not only a LoRA adapter)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        _write(model, processor, tmp, save_llm)
+        replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write(model, processor, out: Path, save_llm: bool) -> None:
+    from peft import PeftModel
+
+    model.config.save(out)
+    save_file(state_dict_for_saving(model.vision_tower.model), str(out / "vision_tower.safetensors"))
+    save_file(state_dict_for_saving(model.projector), str(out / "projector.safetensors"))
+    processor.image_processor.save_pretrained(out)
+    llm = model.llm
+    if isinstance(llm, PeftModel):
+        llm.save_pretrained(out / "adapter", safe_serialization=True)
+        llm = llm.get_base_model()
+    if save_llm:
+        llm.save_pretrained(out / "llm", safe_serialization=True)
+        processor.tokenizer.save_pretrained(out / "llm")
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing directory with as small a window as possible."""
+    os.chmod(new, 0o755)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def refuse_pickles(directory: Path) -> None:
+    found = [p.name for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if found:
+        raise ValueError(
+            f"{directory} contains pickle files ({', '.join(sorted(found)[:3])}); they can run arbitrary code "
+            "and are never loaded. Remove them or convert them to safetensors."
+        )
+
+
+def load_checkpoint(directory, *, quantize=None, device_map=None, llm_override: str | None = None):
+    """Load one of our checkpoints -> (model, processor)."""
+    directory = Path(directory)
+    refuse_pickles(directory)
+    config = ModelConfig.load(directory)
+    config.vision.pretrained = None  # the weights are here, not where the tower first came from
+    llm_source = str(directory / "llm") if (directory / "llm").is_dir() else (llm_override or config.llm)
+    if (directory / "llm").is_dir():
+        refuse_pickle_only(directory / "llm")
+    llm, tokenizer = load_llm(llm_source, quantize=quantize, device_map=device_map)
+    image_processor = AutoImageProcessor.from_pretrained(directory)
+    model, processor = build_model(config, llm=llm, tokenizer=tokenizer, image_processor=image_processor)
+    model.vision_tower.model.load_state_dict(load_file(str(directory / "vision_tower.safetensors")))
+    model.projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
+    if (directory / "adapter").is_dir():
+        from peft import PeftModel
+
+        model.llm = PeftModel.from_pretrained(model.llm, str(directory / "adapter"), is_trainable=False)
+    model.eval()
+    return model, processor

@@ -1,0 +1,196 @@
+"""The inference engine behind the chat UI, the API and batch VQA.
+
+- `Engine.answer_batch`: many independent questions at once (left padding, one vision-tower call
+  per batch), greedy answers identical to one-at-a-time.
+- `Engine.stream_chat`: one turn of a `ChatSession`, streamed as text deltas. A session keeps its
+  KV cache and its images' features: a follow-up re-encodes no image and only feeds the tokens
+  the cache does not already hold (prefix caching, so a re-rendered history costs nothing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .chat_format import ConversationError
+from .generation import GenerationConfig, TextStream, decode, end_token_ids
+from .images import load_image
+
+
+@dataclass
+class ChatSession:
+    """One conversation: its messages, its images (and their encoded features), its KV cache."""
+
+    system_prompt: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)  # PIL images, in order of appearance
+    image_ids: list[int] = field(default_factory=list)  # stable identity of each image (for the cache)
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # image id -> projector output
+    cache: DynamicCache | None = None
+    cached_keys: list[int] = field(default_factory=list)  # what the cache holds, one key per position
+    notices: list[str] = field(default_factory=list)
+    _ids = itertools.count(1)
+
+    def add_user_message(self, text: str, images=()) -> None:
+        parts = []
+        for im in images:
+            self.images.append(load_image(im))
+            self.image_ids.append(next(self._ids))
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+        if not parts:
+            raise ConversationError("empty message: type a question or attach an image")
+        self.messages.append({"role": "user", "content": parts})
+
+    def full_messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + self.messages
+
+    def drop_oldest_turn(self) -> bool:
+        """Forget the oldest user message and the replies after it (with its images)."""
+        if len(self.messages) <= 1:
+            return False
+        end = 1
+        while end < len(self.messages) and self.messages[end]["role"] != "user":
+            end += 1
+        if end >= len(self.messages):
+            return False  # only the current question is left
+        n_images = sum(p["type"] == "image" for m in self.messages[:end] for p in m["content"])
+        for image_id in self.image_ids[:n_images]:
+            self.features.pop(image_id, None)
+        del self.images[:n_images], self.image_ids[:n_images], self.messages[:end]
+        return True
+
+    def reset(self) -> None:
+        self.messages.clear(), self.images.clear(), self.image_ids.clear(), self.features.clear()
+        self.cache, self.cached_keys = None, []
+
+
+class Engine:
+    def __init__(self, model, processor, *, context_length: int | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.end_ids = end_token_ids(self.tokenizer, model.llm)
+        llm_config = model.llm.config
+        self.context_length = context_length or getattr(llm_config, "max_position_embeddings", 2048)
+        self.vision_calls = 0  # counted, so tests can prove follow-ups re-encode nothing
+        self.lock = threading.Lock()
+
+    # ---- images ------------------------------------------------------------------------------
+    def encode_images(self, images) -> torch.Tensor:
+        pixel_values = self.processor.preprocess_images(images)
+        self.vision_calls += 1
+        with torch.inference_mode():
+            return self.model.encode_images(pixel_values)
+
+    # ---- batch questions -------------------------------------------------------------------
+    def answer_batch(self, conversations, images, config: GenerationConfig | None = None) -> list[str]:
+        """Answer a batch of conversations (each with its list of images); returns the replies."""
+        config = (config or GenerationConfig(max_new_tokens=32)).validate()
+        flat = [im for ims in images for im in ims]
+        encoded = [self.processor.encode(c, ims) for c, ims in zip(conversations, images)]
+        batch = self.processor.pad([e.input_ids for e in encoded], padding_side="left")
+        features = self.encode_images(flat) if flat else None
+        with torch.inference_mode():
+            embeds = self.model.embed(batch["input_ids"], features)
+        streams = [TextStream(self.tokenizer, config.stop) for _ in conversations]
+        done = [False] * len(conversations)
+        for step in decode(self.model, embeds, batch["attention_mask"], config, self.end_ids):
+            for i, token in enumerate(step.tolist()):
+                if done[i]:
+                    continue
+                if token in self.end_ids:
+                    done[i] = True
+                    continue
+                streams[i].push(token)
+                done[i] = streams[i].stopped
+            if all(done):
+                break
+        return [s.text.rstrip("\ufffd").strip() for s in streams]
+
+    # ---- chat --------------------------------------------------------------------------------
+    def stream_chat(self, session: ChatSession, config: GenerationConfig | None = None, should_stop=None):
+        """Answer the session's last user message; yields text deltas, then records the reply."""
+        config = (config or GenerationConfig()).validate()
+        ids = self._fit_context(session, config)
+        keys = self._position_keys(ids, session)
+        reuse = _common_prefix(keys, session.cached_keys)
+        reuse = min(reuse, len(ids) - 1)  # at least one new position, for fresh logits
+        if session.cache is None or reuse == 0:
+            session.cache, reuse = DynamicCache(config=self.model.llm.config), 0
+        else:
+            session.cache.crop(reuse)
+        missing = [i for i, im_id in enumerate(session.image_ids) if im_id not in session.features]
+        if missing:
+            new = self.encode_images([session.images[i] for i in missing])
+            for k, i in enumerate(missing):
+                session.features[session.image_ids[i]] = new[k]
+        features = torch.stack([session.features[i] for i in session.image_ids]) if session.image_ids else None
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            embeds = self.model.embed(input_ids, features)[:, reuse:]
+        mask = torch.ones((1, len(ids)), dtype=torch.long)
+        stream = TextStream(self.tokenizer, config.stop)
+        generated: list[int] = []
+        session.cached_keys = []  # invalid while the cache is being extended
+        try:
+            for step in decode(self.model, embeds, mask, config, self.end_ids, cache=session.cache,
+                               past_length=reuse, should_stop=should_stop):
+                token = int(step[0])
+                generated.append(token)
+                if token in self.end_ids:
+                    break
+                delta = stream.push(token)
+                if delta:
+                    yield delta
+                if stream.stopped:
+                    break
+            tail = stream.finish()
+            if tail:
+                yield tail
+        finally:
+            # The cache holds the prompt and every generated token but the last (never fed back).
+            session.cached_keys = keys + generated[:-1]
+            session.messages.append({"role": "assistant", "content": [{"type": "text", "text": stream.text.strip()}]})
+
+    def chat(self, session: ChatSession, config: GenerationConfig | None = None) -> str:
+        return "".join(self.stream_chat(session, config))
+
+    def _fit_context(self, session: ChatSession, config: GenerationConfig) -> list[int]:
+        """Token ids of the conversation, dropping the oldest turns (with a notice) until it fits."""
+        budget = self.context_length - config.max_new_tokens
+        while True:
+            encoded = self.processor.encode(session.full_messages(), session.images)
+            if len(encoded.input_ids) <= budget:
+                return encoded.input_ids
+            if not session.drop_oldest_turn():
+                raise ConversationError(
+                    f"the message is too long: {len(encoded.input_ids)} tokens, but the model reads at most "
+                    f"{budget} (context {self.context_length} minus {config.max_new_tokens} for the reply)"
+                )
+            session.notices.append("The conversation outgrew the model's context: the oldest turn was dropped.")
+
+    def _position_keys(self, ids: list[int], session: ChatSession) -> list[int]:
+        """Token ids, with each image position keyed by its image's identity (negative)."""
+        keys, n, per = list(ids), 0, self.model.tokens_per_image
+        image_token = self.processor.image_token_id
+        for i, t in enumerate(ids):
+            if t == image_token:
+                keys[i] = -session.image_ids[n // per]
+                n += 1
+        return keys
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

