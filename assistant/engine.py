@@ -124,8 +124,8 @@ class Engine:
         reuse = min(reuse, len(ids) - 1)  # at least one new position, for fresh logits
         if session.cache is None or reuse == 0:
             session.cache, reuse = DynamicCache(config=self.model.llm.config), 0
-        else:
-            session.cache.crop(reuse)
+        elif session.cache.get_seq_length() > reuse:
+            session.cache.crop(reuse - session.cache.get_seq_length())  # negative: drop that many positions
         missing = [i for i, im_id in enumerate(session.image_ids) if im_id not in session.features]
         if missing:
             new = self.encode_images([session.images[i] for i in missing])
