@@ -36,19 +36,33 @@ def state_dict_for_saving(module: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> Path:
-    """Write the model to `directory` atomically (a crash leaves the old checkpoint or none).
+MODEL_ENTRIES = ("vision_tower.safetensors", "projector.safetensors", "preprocessor_config.json", "adapter", "llm")
 
-    `save_llm`: also write the full LLM (when its own weights were trained, not only a LoRA adapter)."""
+
+def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> Path:
+    """Write the model into `directory` (other files there, such as training logs, are kept).
+
+    Everything is written to a temporary folder first and moved in, `vlm_config.json` last: a crash
+    leaves a directory without a config (not a checkpoint) rather than a half-written one.
+    `save_llm`: also write the full LLM (when its own weights were trained, not only a LoRA adapter).
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".save-tmp-"))
     try:
         _write(model, processor, tmp, save_llm)
-        replace_directory(tmp, directory)
-    except BaseException:
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        for entry in MODEL_ENTRIES:
+            target, new = directory / entry, tmp / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if new.exists():
+                os.replace(new, target)
+        os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -66,18 +80,6 @@ def _write(model, processor, out: Path, save_llm: bool) -> None:
     if save_llm:
         llm.save_pretrained(out / "llm", safe_serialization=True)
         processor.tokenizer.save_pretrained(out / "llm")
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing directory with as small a window as possible."""
-    os.chmod(new, 0o755)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def refuse_pickles(directory: Path) -> None:

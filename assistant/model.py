@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .chat_format import IGNORE_INDEX
 
 from .config import ModelConfig
 from .vision import VisionTower
@@ -85,6 +89,25 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds = self.embed(input_ids, image_features)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+        if labels is not None and not llm_kwargs:
+            return self._loss_on_labels_only(inputs_embeds, attention_mask, labels.to(self.device))
         if labels is not None:
             labels = labels.to(self.device)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    def _loss_on_labels_only(self, inputs_embeds, attention_mask, labels):
+        """Training loss with the LM head applied only where there is a label.
+
+        Only assistant replies are labelled (about a tenth of the positions), and the LM head is a
+        fifth of a small LLM's compute: skipping it elsewhere makes training steps markedly faster.
+        The loss equals the LLM's own (mean cross-entropy over labelled tokens)."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        hidden = llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        if logits.shape[0] == 0:  # nothing to learn in this batch (all replies truncated away)
+            loss = logits.sum() * 0.0 + inputs_embeds.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=None)

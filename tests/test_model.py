@@ -40,6 +40,20 @@ def test_forward_backward_generate(tiny_llm_dir, vision, projector, kwargs):
     assert isinstance(answer, str)
 
 
+def test_label_only_loss_equals_the_llms_own_loss(tiny_llm_dir):
+    torch.manual_seed(0)
+    model, processor = build_model(tiny_config(tiny_llm_dir))
+    model.eval()
+    convs = [image_question() + [{"role": "assistant", "content": "Red."}],
+             image_question("Which?") + [{"role": "assistant", "content": "A longer answer here."}]]
+    batch = processor(convs, [[random_image(1)], [random_image(2)]], add_generation_prompt=False, with_labels=True)
+    ours = model(**batch).loss
+    features = model.encode_images(batch["pixel_values"])
+    reference = model.llm(inputs_embeds=model.embed(batch["input_ids"], features),
+                          attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
 def test_labels_cover_only_assistant_replies(tiny_llm_dir):
     model, processor = build_model(tiny_config(tiny_llm_dir))
     conv = image_question("Q1") + [{"role": "assistant", "content": "first answer"},

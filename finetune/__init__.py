@@ -1,0 +1,1 @@
+"""Fine-tuning: LLaVA-format data in, a checkpoint `serve.py` and `assistant.vqa` load directly."""

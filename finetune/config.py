@@ -1,0 +1,137 @@
+"""Training recipes: one YAML file each (configs/train/), overridable from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # LLaVA / messages JSON or JSONL (stage clip: image + caption too)
+    image_root: str | None = None
+    eval: str | None = None  # a held-out file; or eval_fraction of train
+    eval_fraction: float = 0.0
+    eval_max_samples: int = 200
+    extra: list = field(default_factory=list)  # more files to mix in: [{path, image_root, repeat}]
+    max_length: int = 1024
+    skip_invalid: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list = "all-linear"
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = "runs/model"
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4  # LoRA / LLM
+    projector_lr: float | None = None  # default: lr
+    vision_lr: float | None = None  # default: lr / 10 when the vision tower is trained
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    save_every: int = 200
+    eval_every: int = 200
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    quantize: str | None = None  # "4bit" -> QLoRA
+    max_minutes: float = 0  # stop (and save) after this much wall time; 0: no limit
+    num_threads: int = 0  # torch threads on CPU; 0: leave torch's default
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "instruct"  # "clip" | "align" | "instruct"
+    # Where the model comes from: a model spec (`default`, one of our checkpoints, a llava-hf dir)
+    # or null with `model_config` describing a new composition.
+    init: str | None = "default"
+    model_config: dict | None = None
+    # What trains: vision "frozen" | "full"; projector "frozen" | "full"; llm "frozen" | "lora" | "full".
+    vision: str = "frozen"
+    projector: str = "full"
+    llm: str = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    # stage clip only: the text tower and CLIP settings
+    clip: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        choices = {"stage": ("clip", "align", "instruct"), "vision": ("frozen", "full"),
+                   "projector": ("frozen", "full"), "llm": ("frozen", "lora", "full")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config: {key} must be one of {allowed}, not {getattr(self, key)!r}")
+        if not self.data.train:
+            raise ValueError("config: data.train is required (or --data FILE)")
+        if self.train.quantize and self.llm == "full":
+            raise ValueError("config: a quantized (QLoRA) LLM can only be trained with llm: lora")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"lora": LoraSettings, "data": DataConfig, "train": TrainSettings}.get(name) if cls is TrainConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {name} must be a mapping")
+            value = _build(sub, value, f"{where}: {name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def set_key(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file + `key.sub=value` overrides (values parsed as YAML: numbers, booleans, lists)."""
+    data = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        set_key(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return _build(TrainConfig, data, path or "config")
+    except TypeError as e:
+        raise ValueError(f"{path or 'config'}: {e}") from None

@@ -1,0 +1,64 @@
+"""Model set-up for a training stage: what is loaded, what is frozen, what gets LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from assistant.builder import build_model
+from assistant.config import ModelConfig
+from assistant.loading import load_model
+
+from .config import TrainConfig
+
+
+def prepare_model(cfg: TrainConfig):
+    """Load or build the model, then freeze / LoRA it as the recipe says -> (model, processor)."""
+    quantize = cfg.train.quantize
+    if quantize and not torch.cuda.is_available():
+        print("note: bitsandbytes 4/8-bit layers run on this CPU but slowly; QLoRA is meant for CUDA GPUs")
+    if cfg.model_config is not None:
+        model, processor = build_model(ModelConfig.from_dict(cfg.model_config), quantize=quantize)
+    else:
+        model, processor = load_model(cfg.init or "default", quantize=quantize)
+    model.config.trained = True
+    model.config.vision.frozen = cfg.vision == "frozen"
+    model.vision_tower.requires_grad_(cfg.vision == "full")
+    model.projector.requires_grad_(cfg.projector == "full")
+    model.llm = _prepare_llm(model.llm, cfg)
+    if cfg.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def _prepare_llm(llm, cfg: TrainConfig):
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.llm == "lora":
+        if isinstance(llm, PeftModel):  # continue training the adapter the checkpoint already has
+            for name, p in llm.named_parameters():
+                p.requires_grad_("lora_" in name)
+            return llm
+        if cfg.train.quantize:
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        return get_peft_model(llm, lora)
+    if isinstance(llm, PeftModel):
+        llm = llm.merge_and_unload()  # frozen or full training of an adapted model: fold the adapter in
+    llm.requires_grad_(cfg.llm == "full")
+    return llm
+
+
+def parameter_groups(model, cfg: TrainConfig) -> list[dict]:
+    t = cfg.train
+    groups = [
+        {"name": "llm", "params": [p for p in model.llm.parameters() if p.requires_grad], "lr": t.lr},
+        {"name": "projector", "params": [p for p in model.projector.parameters() if p.requires_grad],
+         "lr": t.projector_lr or t.lr},
+        {"name": "vision", "params": [p for p in model.vision_tower.parameters() if p.requires_grad],
+         "lr": t.vision_lr or t.lr / 10},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("config: nothing to train (vision, projector and llm are all frozen)")
+    return groups

@@ -1,0 +1,230 @@
+"""The training loop (stages align and instruct): accelerate for devices and processes, a loop
+anyone can read, and checkpoints that make a killed run resume exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from assistant.checkpoint import load_checkpoint, save_checkpoint
+
+from .config import TrainConfig
+from .curves import plot_curves
+from .data import load_samples
+from .dataset import Collator, InstructionDataset
+from .evaluate import evaluate
+from .setup import parameter_groups, prepare_model
+from .state import (atomic_directory, latest_checkpoint, optimizer_from_files, optimizer_to_files, prune_checkpoints,
+                    rng_from_files, rng_to_files)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: TrainConfig, processor, log):
+    """Train / eval datasets; invalid samples stop the run unless skip_invalid (ids listed in the output)."""
+    samples, errors = load_samples(cfg.data.train)
+    roots = [cfg.data.image_root] * len(samples)
+    for extra in cfg.data.extra:
+        extra = extra if isinstance(extra, dict) else {"path": extra}
+        more, more_errors = load_samples(extra["path"])
+        more = more * int(extra.get("repeat", 1))  # e.g. a small text-only set seen several times
+        samples += more
+        roots += [extra.get("image_root")] * len(more)
+        errors += more_errors
+    if errors:
+        shown = "\n  ".join(str(e) for e in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        if not cfg.data.skip_invalid:
+            raise SystemExit(f"{len(errors)} problem(s) in the training data:\n  {shown}{more}\n"
+                             "Fix them, run `python -m finetune.validate`, or pass data.skip_invalid=true.")
+        log(f"skipping {len(errors)} invalid sample(s) (data.skip_invalid):\n  {shown}{more}")
+    eval_samples, eval_roots = [], []
+    if cfg.data.eval:
+        eval_samples, eval_errors = load_samples(cfg.data.eval)
+        eval_roots = [cfg.data.image_root] * len(eval_samples)
+    elif cfg.data.eval_fraction > 0:
+        order = list(range(len(samples)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(len(samples) * cfg.data.eval_fraction))
+        held = set(order[:n_eval])
+        eval_samples = [s for i, s in enumerate(samples) if i in held]
+        eval_roots = [r for i, r in enumerate(roots) if i in held]
+        samples = [s for i, s in enumerate(samples) if i not in held]
+        roots = [r for i, r in enumerate(roots) if i not in held]
+    eval_samples, eval_roots = eval_samples[:cfg.data.eval_max_samples], eval_roots[:cfg.data.eval_max_samples]
+    train = InstructionDataset(samples, roots, processor, cfg.data.max_length)
+    evaluation = InstructionDataset(eval_samples, eval_roots, processor, cfg.data.max_length) if eval_samples else None
+    return train, evaluation, errors
+
+
+def micro_batches(n_samples: int, batch_size: int, world: int, rank: int, seed: int, epoch: int):
+    """Deterministic order for one epoch: this process's index list for every micro-batch."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n_samples, generator=g).tolist()
+    per_step = batch_size * world
+    return [order[k:k + per_step][rank * batch_size:(rank + 1) * batch_size] for k in range(0, n_samples, per_step)]
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    cfg.validate()
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+    out = Path(t.output_dir)
+    is_main = accelerator.is_main_process
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "train_log.jsonl"
+
+    def log(message: str) -> None:
+        if is_main:
+            tqdm.write(message)
+
+    def record(entry: dict) -> None:
+        if is_main:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    seed_everything(t.seed)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not resume:
+        log(f"found {checkpoint}: resuming from it (a checkpoint in the output dir always resumes)")
+    model, processor = prepare_model(cfg)
+    train_set, eval_set, _ = load_data(cfg, processor, log)
+    if len(train_set) == 0:
+        raise SystemExit("no training samples left")
+    per_epoch = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
+    total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=t.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * t.warmup_ratio), total_steps)
+    step, micro_step = 0, 0
+    if checkpoint is not None:
+        step, micro_step = _restore(checkpoint, model, optimizer, scheduler, accelerator.process_index)
+        log(f"resumed at step {step}/{total_steps} from {checkpoint}")
+    elif is_main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log(f"training {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} parameters on "
+            f"{len(train_set)} samples for {total_steps} steps ({accelerator.num_processes} process(es))")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    collate = Collator(processor)
+    model.train()
+    started = time.time()
+    tokens_seen, window_loss, window_n, window_tokens, window_start = 0, 0.0, 0, 0, time.time()
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
+    while step < total_steps:
+        epoch, index_in_epoch = divmod(micro_step, per_epoch)
+        batches = micro_batches(len(train_set), t.batch_size, accelerator.num_processes,
+                                accelerator.process_index, t.seed, epoch)
+        batch = collate([train_set[i] for i in batches[index_in_epoch]]) if index_in_epoch < len(batches) else None
+        micro_step += 1
+        with accelerator.accumulate(model):
+            if batch is None:  # every sample in it was skipped (bad images, too long): keep processes in step
+                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                n_tokens = 0
+            else:
+                n_tokens = batch.pop("num_label_tokens")
+                loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if t.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if batch is not None:
+            window_loss += float(loss.detach())
+            window_n += 1
+            window_tokens += int(batch["attention_mask"].sum())
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if step % t.log_every == 0 or step == total_steps:
+            elapsed = time.time() - window_start
+            entry = {"step": step, "loss": window_loss / max(window_n, 1), "lr": scheduler.get_last_lr()[0],
+                     "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                     "epoch": micro_step / per_epoch, "elapsed_s": time.time() - started,
+                     **{k: v for k, v in train_set.stats.items() if isinstance(v, int)}}
+            record(entry)
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+        out_of_time = t.max_minutes and (time.time() - started) / 60 >= t.max_minutes
+        if eval_set is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps or out_of_time):
+            if is_main:
+                metrics = evaluate(accelerator.unwrap_model(model), processor, eval_set)
+                record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+                log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            accelerator.wait_for_everyone()
+            model.train()
+        if step % t.save_every == 0 or out_of_time:
+            _save(accelerator, model, processor, optimizer, scheduler, out, step, micro_step, cfg)
+        if out_of_time:
+            log(f"stopping after {t.max_minutes} minutes (train.max_minutes) at step {step}")
+            break
+    progress.close()
+    if train_set.stats.get("skipped_bad_image"):
+        log(f"skipped {train_set.stats['skipped_bad_image']} sample(s) with unreadable images "
+            f"(last: {train_set.stats['last_bad_image']})")
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        save_checkpoint(unwrapped, processor, out, save_llm=cfg.llm == "full")
+        plot_curves(log_file, out / "training_curves.png")
+        log(f"model written to {out} (serve it with: python serve.py --model {out})")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _save(accelerator, model, processor, optimizer, scheduler, out: Path, step: int, micro_step: int, cfg) -> None:
+    """An atomic training checkpoint: model, optimizer, scheduler, RNG of every process, data position."""
+    name = f"step-{step:07d}"
+    tmp_rng = out / "checkpoints" / f".rng-{name}"
+    if accelerator.num_processes > 1:
+        tmp_rng.mkdir(parents=True, exist_ok=True)
+        rng_to_files(tmp_rng, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_directory(out / "checkpoints", name) as tmp:
+            save_checkpoint(accelerator.unwrap_model(model), processor, tmp / "model", save_llm=cfg.llm == "full")
+            optimizer_to_files(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp)
+            if accelerator.num_processes > 1:
+                for f in tmp_rng.iterdir():
+                    f.replace(tmp / f.name)
+                tmp_rng.rmdir()
+            else:
+                rng_to_files(tmp, 0)
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                "step": step, "micro_step": micro_step, "scheduler": scheduler.state_dict(),
+                "num_processes": accelerator.num_processes}))
+        prune_checkpoints(out, cfg.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _restore(checkpoint: Path, model, optimizer, scheduler, rank: int) -> tuple[int, int]:
+    saved, _ = load_checkpoint(checkpoint / "model")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in saved.state_dict().items()}
+    missing = [n for n in trainable if n not in state]
+    if missing:
+        raise SystemExit(f"{checkpoint}: does not match this recipe (missing {missing[:3]})")
+    model.load_state_dict({k: v for k, v in state.items() if k in dict(model.named_parameters())}, strict=False)
+    optimizer_from_files(optimizer, checkpoint)
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_from_files(checkpoint, rank)
+    return meta["step"], meta["micro_step"]

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Reproduces the bundled default model from scratch on a CPU (about 80 minutes on 2 cores):
+#   data -> stage 0 CLIP -> stage 1 align (two projectors) -> stage 2 LoRA (short run each, the
+#   better projector by held-out accuracy continues) -> assistant/default_model/.
+#   bash scripts/train_default.sh            (RUNS=runs/default, MINUTES=55 for the final stage)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs/default}
+MINUTES=${MINUTES:-55}
+COMPARE_MINUTES=${COMPARE_MINUTES:-5}
+EXTRA=${EXTRA:-}  # e.g. EXTRA="train.max_steps=2" for a dry run of the whole recipe
+# glibc malloc's defaults made this VM spend its time in page faults (see shared/DESIGN.md).
+export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
+
+python -m finetune.scenes --out data/scenes --train ${SCENES:-4000} --test 300
+mkdir -p data/easyvqa
+python -m finetune.easyvqa --out data/easyvqa/train.jsonl --captions data/easyvqa/train_captions.jsonl \
+  --align data/easyvqa/train_align.jsonl
+
+python -m finetune --config configs/train/default_clip.yaml train.output_dir=$RUNS/clip $EXTRA
+
+for proj in mlp2x_gelu qformer; do
+  extra=()
+  [ $proj = qformer ] && extra=("model_config.projector.num_queries=16")
+  python -m finetune --config configs/train/default_align.yaml train.output_dir=$RUNS/align-$proj \
+    model_config.vision.pretrained=$RUNS/clip model_config.projector.type=$proj "${extra[@]}" $EXTRA
+  python -m finetune --config configs/train/default_instruct.yaml init=$RUNS/align-$proj \
+    train.output_dir=$RUNS/compare-$proj train.max_minutes=$COMPARE_MINUTES train.eval_every=100000 $EXTRA
+done
+best=$(python - "$RUNS" <<'PY'
+import json, sys
+from pathlib import Path
+runs = Path(sys.argv[1])
+scores = {}
+for proj in ("mlp2x_gelu", "qformer"):
+    evals = [json.loads(l) for l in (runs / f"compare-{proj}" / "train_log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval_vqa_accuracy" in e]
+    scores[proj] = evals[-1]["eval_vqa_accuracy"]
+(runs / "projector_comparison.json").write_text(json.dumps(scores, indent=2))
+print(max(scores, key=scores.get))
+PY
+)
+echo "projector comparison: $(cat $RUNS/projector_comparison.json); continuing with $best"
+python -m finetune --config configs/train/default_instruct.yaml init=$RUNS/compare-$best \
+  train.output_dir=$RUNS/instruct train.max_minutes=$MINUTES $EXTRA
+
+target=${TARGET:-assistant/default_model}
+rm -rf $target && mkdir -p $target
+cp -r $RUNS/instruct/{vlm_config.json,vision_tower.safetensors,projector.safetensors,preprocessor_config.json,adapter} $target/
+cp $RUNS/projector_comparison.json $RUNS/instruct/training_curves.png $target/ 2>/dev/null || true
+du -sh $target
+echo "default model written to $target"
