@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from assistant.devices import has_accelerator
 from assistant.images import ImageError, load_image
 from assistant.llm import resolve_llm_dir
 
@@ -56,7 +57,7 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
     seed_everything(t.seed)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator())
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_llm_dir(c.get("tokenizer", "smollm2-135m-instruct")))

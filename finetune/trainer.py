@@ -16,6 +16,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from assistant.checkpoint import load_checkpoint, save_checkpoint
+from assistant.devices import has_accelerator
 
 from .config import TrainConfig
 from .curves import plot_curves
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator())
     out = Path(t.output_dir)
     is_main = accelerator.is_main_process
     if is_main:
