@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant.paths import PathEscapeError, resolve_under_root
+
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "bot": "assistant", "model": "assistant"}
 DATA_IMAGE_TOKEN = "<image>"
@@ -147,29 +149,12 @@ def _split_images(text: str) -> list[dict]:
     return parts
 
 
-def resolve_root(image_root):
-    """An image root: a folder, or `easy-vqa:train` / `easy-vqa:test` for the installed dataset."""
-    if isinstance(image_root, str) and image_root.startswith("easy-vqa:"):
-        from assistant.easy_vqa import image_root as easy_vqa_root
-
-        return easy_vqa_root(image_root.split(":", 1)[1])
-    return image_root
-
-
 def resolve_image(image_root, relative: str, where: str) -> Path:
     """A data path under the image root; absolute paths, '..' and symlinks out of the root are refused."""
-    if image_root is None:
-        raise DataError(where, f"image {relative!r} given but no --image-root")
-    root = Path(resolve_root(image_root)).resolve()
-    candidate = Path(relative)
-    if candidate.is_absolute():
-        raise DataError(where, f"absolute image path {relative!r} is not allowed; give paths relative to the image root")
-    if ".." in candidate.parts:
-        raise DataError(where, f"image path {relative!r} leaves the image root ('..')")
-    resolved = (root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise DataError(where, f"image path {relative!r} resolves outside the image root (symlink)")
-    return resolved
+    try:
+        return resolve_under_root(image_root, relative)
+    except PathEscapeError as e:
+        raise DataError(where, str(e)) from None
 
 
 def structural_problems(sample: Sample) -> list[str]:

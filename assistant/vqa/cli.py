@@ -1,0 +1,129 @@
+"""python -m assistant.vqa run | score"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..metrics import score_items
+from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
+
+LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
+EXIT_SOME_FAILED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m assistant.vqa",
+                                description="Scripted visual question answering and VQA scoring.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer a questions file (or a built-in dataset); resumable",
+                         description="Answers are appended to --output as they are produced; re-running with the "
+                                     "same output skips answered ids. Bad items become {question_id, error} lines. "
+                                     f"Exit status {EXIT_SOME_FAILED} when some items failed.")
+    run.add_argument("--model", default="default", help="model spec: default, a directory, or a hub id")
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--questions", help="JSONL {question_id, image, question[, answers|answer]} or VQAv2 questions JSON")
+    src.add_argument("--dataset", help="built-in dataset: easy-vqa:test")
+    run.add_argument("--output", required=True, help="answers JSONL (appended; resumable)")
+    run.add_argument("--image-root", help="folder image paths are relative to (default: the questions file's folder)")
+    run.add_argument("--annotations", help="answers to score against: VQAv2 annotations JSON or JSONL")
+    run.add_argument("--metrics-out", help="write the metrics JSON here")
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument("--prompt-suffix", default=LLAVA_SHORT_ANSWER,
+                     help=f"appended to each question on a new line (default: {LLAVA_SHORT_ANSWER!r}; '' for none)")
+    run.add_argument("--limit", type=int, help="only the first N questions")
+    run.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LLM in 4/8 bit (bitsandbytes)")
+    score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
+    score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
+    score.add_argument("--annotations", required=True, help="VQAv2 annotations JSON, or JSONL with answers")
+    score.add_argument("--metrics-out", help="write the metrics JSON here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args) if args.command == "run" else score_command(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(args) -> int:
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if args.dataset:
+        items, image_root = builtin_dataset(args.dataset)
+    else:
+        items = load_questions(args.questions, args.annotations)
+        image_root = args.image_root or str(Path(args.questions).resolve().parent)
+    if args.limit:
+        items = items[:args.limit]
+    from ..engine import Engine
+    from ..loading import ModelSpecError, load_model
+    from .runner import run_questions
+
+    try:
+        model, processor = load_model(args.model, quantize=args.quantize)
+    except (ModelSpecError, FileNotFoundError, ValueError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    if not model.config.trained:
+        print(f"warning: {model.config.description}", file=sys.stderr)
+    output = Path(args.output)
+    counts = run_questions(Engine(model, processor), items, output, image_root, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
+    rate = counts["answered"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
+    print(f"{counts['answered']} answered, {counts['failed']} failed, {counts['skipped']} already in {output} "
+          f"({rate:.2f} items/s)")
+    if any(it.get("answers") for it in items):
+        metrics = _score(read_jsonl(output), {str(it["question_id"]): it for it in items if it.get("answers")})
+        _report(metrics, args.metrics_out)
+    return EXIT_SOME_FAILED if counts["failed"] else 0
+
+
+def score_command(args) -> int:
+    truth = load_annotations(args.annotations)
+    metrics = _score(read_jsonl(args.predictions), truth)
+    _report(metrics, args.metrics_out)
+    return 0
+
+
+def _score(predictions: list[dict], truth: dict) -> dict:
+    items, missing, errors = [], 0, 0
+    seen = set()
+    for p in predictions:
+        qid = str(p.get("question_id"))
+        if qid not in truth or qid in seen:
+            continue
+        seen.add(qid)
+        if "answer" not in p:
+            errors += 1
+            continue
+        t = truth[qid]
+        items.append({"prediction": str(p["answer"]), "answers": t["answers"],
+                      "question_type": t.get("question_type"), "answer_type": t.get("answer_type")})
+    missing = len(truth) - len(seen)
+    metrics = score_items(items)
+    metrics.update({"errors": errors, "missing": missing})
+    return metrics
+
+
+def _report(metrics: dict, metrics_out) -> None:
+    if metrics.get("count"):
+        print(f"VQA accuracy {metrics['vqa_accuracy']:.2f}  exact match {metrics['exact_match']:.2f}  "
+              f"({metrics['count']} scored, {metrics['errors']} errors, {metrics['missing']} missing)")
+        for key in ("by_question_type", "by_answer_type"):
+            for name, m in metrics.get(key, {}).items():
+                print(f"  {key[3:]:>13} {name:<20} {m['vqa_accuracy']:6.2f}  (n={m['count']})")
+        if "yes_no" in metrics:
+            yn = metrics["yes_no"]
+            print(f"  yes/no: accuracy {100 * yn['accuracy']:.2f}  F1 {yn['f1']:.3f}  yes-ratio {yn['yes_ratio']:.3f}")
+    else:
+        print("nothing to score (no prediction matched an annotated question)")
+    if metrics_out:
+        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,78 @@
+"""Answering a list of questions: batched, appended as produced, resumable, never stopped by one bad item."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..engine import Engine
+from ..generation import GenerationConfig
+from ..images import ImageError, load_image
+from ..paths import PathEscapeError, resolve_under_root
+
+
+def answered_ids(output: Path) -> set[str]:
+    """Ids already in the output; a last line cut off by a kill is removed first."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        output.write_bytes(data)
+    done = set()
+    for line in data.decode("utf-8").splitlines():
+        try:
+            done.add(str(json.loads(line)["question_id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
+def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *, batch_size: int = 16,
+                  max_new_tokens: int = 16, prompt_suffix: str = "", progress: bool = True) -> dict:
+    """Answer every item not yet in `output`; returns counts {"answered", "failed", "skipped", "seconds"}."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = answered_ids(output)
+    todo = [it for it in items if str(it["question_id"]) not in done]
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    counts = {"answered": 0, "failed": 0, "skipped": len(items) - len(todo)}
+    started = time.time()
+    bar = tqdm(total=len(todo), disable=not progress, unit="q", dynamic_ncols=True, desc="vqa")
+    with open(output, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            ready, records = [], {}
+            for it in batch:
+                try:
+                    ready.append((it, _prepare(it, image_root, prompt_suffix)))
+                except (ImageError, PathEscapeError, ValueError) as e:
+                    records[id(it)] = {"question_id": it["question_id"], "error": str(e)}
+            if ready:
+                answers = engine.answer_batch([r[1][0] for r in ready], [r[1][1] for r in ready], config)
+                for (it, _), answer in zip(ready, answers):
+                    records[id(it)] = {"question_id": it["question_id"], "question": it["question"], "answer": answer}
+            for it in batch:  # in input order
+                record = records[id(it)]
+                counts["failed" if "error" in record else "answered"] += 1
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    bar.close()
+    counts["seconds"] = time.time() - started
+    return counts
+
+
+def _prepare(item: dict, image_root, prompt_suffix: str):
+    question = (item.get("question") or "").strip()
+    if not question:
+        raise ValueError("empty question")
+    text = f"{question}\n{prompt_suffix}" if prompt_suffix else question
+    content = [{"type": "text", "text": text}]
+    images = []
+    if item.get("image"):
+        images = [load_image(resolve_under_root(image_root, item["image"]))]
+        content = [{"type": "image"}] + content
+    return [{"role": "user", "content": content}], images
