@@ -33,7 +33,24 @@ class ChatSession:
     cache: DynamicCache | None = None
     cached_keys: list[int] = field(default_factory=list)  # what the cache holds, one key per position
     notices: list[str] = field(default_factory=list)
+    image_keys: dict[str, int] = field(default_factory=dict)  # caller's image key (e.g. file hash) -> id
+    finish_reason: str | None = None  # of the last reply: "stop" (end or stop string) or "length"
+    usage: dict = field(default_factory=dict)  # of the last reply: prompt_tokens, completion_tokens
     _ids = itertools.count(1)
+
+    def sync(self, messages: list[dict], images: list, image_keys: list[str]) -> None:
+        """Replace the conversation (e.g. with a UI's history after an edit, undo or retry), keeping the
+        KV cache and the features of images seen before (matched by `image_keys`)."""
+        ids = []
+        for key in image_keys:
+            if key not in self.image_keys:
+                self.image_keys[key] = next(self._ids)
+            ids.append(self.image_keys[key])
+        self.messages = [dict(m) for m in messages]
+        self.images = [load_image(im) for im in images]
+        self.image_ids = ids
+        self.features = {i: f for i, f in self.features.items() if i in set(ids)}
+        self.image_keys = {k: v for k, v in self.image_keys.items() if v in set(ids)}
 
     def add_user_message(self, text: str, images=()) -> None:
         parts = []
@@ -157,6 +174,10 @@ class Engine:
         finally:
             # The cache holds the prompt and every generated token but the last (never fed back).
             session.cached_keys = keys + generated[:-1]
+            ended = bool(generated) and (generated[-1] in self.end_ids or stream.stopped)
+            session.finish_reason = "stop" if ended else "length"
+            session.usage = {"prompt_tokens": len(ids), "completion_tokens": len(generated),
+                             "total_tokens": len(ids) + len(generated)}
             session.messages.append({"role": "assistant", "content": [{"type": "text", "text": stream.text.strip()}]})
 
     def chat(self, session: ChatSession, config: GenerationConfig | None = None) -> str:

@@ -1,0 +1,78 @@
+"""python serve.py [--model SPEC] [--host 127.0.0.1] [--port 7860] [--auth USER:PASS] ...
+
+A Gradio multimodal chat at / and an OpenAI-compatible API at /v1 on the same server, over one
+engine. Binds to 127.0.0.1 unless told otherwise; a public share link only with --share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python serve.py", description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", default="default",
+                   help="model spec: 'default' (bundled, offline), a checkpoint or llava-hf directory, or a hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=os.environ.get("VISION_ASSISTANT_AUTH"),
+                   help="USER:PASS for the UI (or env VISION_ASSISTANT_AUTH); the API then needs 'Bearer PASS'")
+    p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
+    p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
+    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LLM in 4/8 bit (bitsandbytes)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let the API fetch http(s) image URLs (off: only data: URLs)")
+    p.add_argument("--share", action="store_true", help="also create a public Gradio share link (UI only)")
+    return p.parse_args(argv)
+
+
+def build_app(engine, args):
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from server.openai_api import build_router
+    from server.ui import build_ui
+
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            raise SystemExit("error: --auth must look like USER:PASS")
+        auth = tuple(args.auth.split(":", 1))
+    demo = build_ui(engine, max_image_mb=args.max_image_mb)
+    demo.queue(default_concurrency_limit=args.concurrency)
+    app = FastAPI(title="Vision Assistant")
+    app.include_router(build_router(engine, args.model_name, max_image_mb=args.max_image_mb,
+                                    allow_remote_images=args.allow_remote_images, concurrency=args.concurrency,
+                                    api_key=auth[1] if auth else None))
+    return gr.mount_gradio_app(app, demo, path="/", auth=auth), demo
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from assistant.engine import Engine
+    from assistant.loading import ModelSpecError, load_model
+
+    try:
+        model, processor = load_model(args.model, quantize=args.quantize)
+    except (ModelSpecError, FileNotFoundError, ValueError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    args.model_name = "default" if args.model == "default" else os.path.basename(os.path.normpath(args.model))
+    engine = Engine(model, processor)
+    if not model.config.trained:
+        print(f"note: {model.config.description}", file=sys.stderr)
+    app, demo = build_app(engine, args)
+    if args.share:
+        demo.launch(server_name=args.host, server_port=args.port, share=True,
+                    auth=tuple(args.auth.split(":", 1)) if args.auth else None)
+        return 0
+    import uvicorn
+
+    print(f"chat UI: http://{args.host}:{args.port}/   OpenAI API: http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
