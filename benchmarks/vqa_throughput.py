@@ -1,0 +1,58 @@
+"""Batch VQA throughput: items/s at batch size 1 and 16 on the same easy-VQA test questions, in
+one run, median of several repeats. Prints one JSON line.
+
+    python benchmarks/vqa_throughput.py [--model default] [--items 48] [--repeats 3]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from assistant.engine import Engine  # noqa: E402
+from assistant.loading import load_model  # noqa: E402
+from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
+from assistant.vqa.inputs import builtin_dataset  # noqa: E402
+from assistant.vqa.runner import run_questions  # noqa: E402
+
+
+def items_per_second(engine, items, root, batch_size) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        run_questions(engine, items, Path(d) / "out.jsonl", root, batch_size=batch_size, max_new_tokens=8,
+                      prompt_suffix=LLAVA_SHORT_ANSWER, progress=False)
+        return len(items) / (time.perf_counter() - t)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--items", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    import torch
+
+    model, processor = load_model(args.model)
+    engine = Engine(model, processor)
+    items, root = builtin_dataset("easy-vqa:test")
+    items = items[:args.items]
+    items_per_second(engine, items[:16], root, 16)  # warm-up
+    runs = {1: [], 16: []}
+    for _ in range(args.repeats):  # interleaved, so both sizes see the same machine load
+        for bs in runs:
+            runs[bs].append(items_per_second(engine, items, root, bs))
+    b1, b16 = statistics.median(runs[1]), statistics.median(runs[16])
+    print(json.dumps({"benchmark": "vqa_throughput", "model": args.model, "items": len(items),
+                      "threads": torch.get_num_threads(), "batch1_items_per_s": round(b1, 3),
+                      "batch16_items_per_s": round(b16, 3), "ratio_16_vs_1": round(b16 / b1, 2),
+                      "runs": {str(k): [round(x, 3) for x in v] for k, v in runs.items()}}))
+
+
+if __name__ == "__main__":
+    main()
