@@ -36,14 +36,22 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.stage == "clip":
-        from .clip_stage import train_clip
+    from assistant.loading import ModelSpecError
 
-        train_clip(cfg, resume=args.resume)
-    else:
-        from .trainer import train
+    from .data import DataError
 
-        train(cfg, resume=args.resume)
+    try:
+        if cfg.stage == "clip":
+            from .clip_stage import train_clip
+
+            train_clip(cfg, resume=args.resume)
+        else:
+            from .trainer import train
+
+            train(cfg, resume=args.resume)
+    except (DataError, ModelSpecError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
