@@ -1,0 +1,108 @@
+"""Chat speed on this machine, one JSON line: decode tokens/s of our engine against plain
+transformers `generate` (fp32) on the same LLM, time to first token for a new image + question,
+and at turn 8 against turn 1 of one conversation. Medians of several runs, measured side by side.
+
+    python benchmarks/chat_speed.py [--model default] [--repeats 3] [--new-tokens 64]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from assistant.engine import ChatSession, Engine  # noqa: E402
+from assistant.generation import GenerationConfig  # noqa: E402
+from assistant.loading import load_model  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "server" / "examples"
+
+
+def engine_decode_rate(engine, n_tokens) -> float:
+    session = ChatSession()
+    session.add_user_message("Write a long story about a dragon who learns to paint.")
+    cfg = GenerationConfig(max_new_tokens=n_tokens)
+    stream = engine.stream_chat(session, cfg)
+    next(stream)  # first token: prefill done
+    t = time.perf_counter()
+    rest = sum(1 for _ in stream)
+    generated = session.usage["completion_tokens"] - 1
+    return generated / (time.perf_counter() - t) if rest or generated else 0.0
+
+
+def plain_generate_rate(model, processor, n_tokens) -> float:
+    """The baseline: transformers' generate on the bare LLM, greedy, fp32, same prompt."""
+    llm = model.llm
+    ids = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        t = time.perf_counter()
+        first = llm.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        out = llm.generate(ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+        total = time.perf_counter() - t
+    assert first.shape[1] == ids.shape[1] + 1
+    return (out.shape[1] - ids.shape[1] - 1) / max(total - prefill, 1e-9)
+
+
+def ttft(engine, session) -> float:
+    t = time.perf_counter()
+    stream = engine.stream_chat(session, GenerationConfig(max_new_tokens=8))
+    next(stream, None)
+    elapsed = time.perf_counter() - t
+    for _ in stream:
+        pass
+    return elapsed
+
+
+def conversation_ttfts(engine, turns=8) -> list[float]:
+    session = ChatSession()
+    times = []
+    questions = ["What color is the diamond?", "How many objects are there?", "Is there a red circle?",
+                 "What shape is the black object?", "Describe the image.", "Is the square on the left or the right?",
+                 "What color is the largest object?", "Is there a blue star?"]
+    for k in range(turns):
+        session.add_user_message(questions[k % len(questions)], [EXAMPLES / "scene1.png"] if k == 0 else [])
+        times.append(ttft(engine, session))
+    return times
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    model, processor = load_model(args.model)
+    engine = Engine(model, processor)
+    engine_decode_rate(engine, 8)  # warm-up
+    ours, base, first, t1, t8 = [], [], [], [], []
+    for _ in range(args.repeats):
+        ours.append(engine_decode_rate(engine, args.new_tokens))
+        base.append(plain_generate_rate(model, processor, args.new_tokens))
+        s = ChatSession()
+        s.add_user_message("What color is the diamond?", [EXAMPLES / "scene1.png"])
+        first.append(ttft(engine, s))
+        times = conversation_ttfts(engine)
+        t1.append(times[0])
+        t8.append(times[-1])
+    med = statistics.median
+    print(json.dumps({
+        "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
+        "decode_tokens_per_s": round(med(ours), 2), "baseline_generate_tokens_per_s": round(med(base), 2),
+        "decode_ratio_vs_generate": round(med(ours) / med(base), 2),
+        "ttft_new_image_s": round(med(first), 3), "ttft_turn1_s": round(med(t1), 3), "ttft_turn8_s": round(med(t8), 3),
+        "ttft_turn8_over_turn1": round(med(t8) / med(t1), 2),
+        "runs": {"decode": [round(x, 2) for x in ours], "generate": [round(x, 2) for x in base]}}))
+
+
+if __name__ == "__main__":
+    main()
