@@ -25,8 +25,11 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_llm_dir("smollm2-135m-instruct"))
 
 
-def make_tiny_llm_dir(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as safetensors."""
+def make_tiny_llm_dir(directory: Path, seed: int = 0, initializer_range: float = 0.3) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as safetensors.
+
+    The large initializer range makes its greedy answers depend on the input (with the usual 0.02 it
+    answers every prompt with the same newline), so tests can tell sessions and images apart."""
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
@@ -34,7 +37,7 @@ def make_tiny_llm_dir(directory: Path, seed: int = 0) -> Path:
     tokenizer = smollm2_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True, initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -12,9 +12,9 @@ from assistant.loading import load_model
 
 
 @pytest.mark.parametrize("mode,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
-def test_quantized_llm_runs_and_stays_close(tiny_llm_dir, tmp_path, mode, layer):
+def test_quantized_llm_runs_and_stays_close(tiny_llm_dir_gentle, tmp_path, mode, layer):
     torch.manual_seed(0)
-    model, processor = build_model(tiny_config(tiny_llm_dir))
+    model, processor = build_model(tiny_config(tiny_llm_dir_gentle))
     save_checkpoint(model, processor, tmp_path / "ckpt")
     full, _ = load_model(str(tmp_path / "ckpt"))
     quant, qproc = load_model(str(tmp_path / "ckpt"), quantize=mode)
