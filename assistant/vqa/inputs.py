@@ -61,11 +61,15 @@ def load_questions(path, annotations=None) -> list[dict]:
     return items
 
 
-def _vqav2_questions(path: Path) -> list[dict]:
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _vqav2_questions(path: Path) -> list[dict]:
+    data = _read_json(path)
     if not isinstance(data, dict) or "questions" not in data:
         raise InputError(f"{path}: expected the VQAv2 questions format ({{'questions': [...]}})")
     subtype = data.get("data_subtype", "val2014")
@@ -83,10 +87,7 @@ def load_annotations(path) -> dict[str, dict]:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        data = _read_json(path)
         if not isinstance(data, dict) or "annotations" not in data:
             raise InputError(f"{path}: expected the VQAv2 annotations format ({{'annotations': [...]}})")
         return {str(a["question_id"]): {"answers": [x["answer"] for x in a["answers"]],
