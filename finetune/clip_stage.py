@@ -73,9 +73,8 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
     images = LlavaImageProcessorPil(do_pad=True, do_center_crop=False, size={"height": image_size, "width": image_size},
                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
     pairs = read_pairs(cfg.data.train, cfg.data.image_root)
-    for extra in cfg.data.extra:
-        extra = extra if isinstance(extra, dict) else {"path": extra}
-        pairs += read_pairs(extra["path"], extra.get("image_root"))
+    for path, image_root, repeat in cfg.data.extra_sources():
+        pairs += read_pairs(path, image_root) * repeat
     per_epoch = math.ceil(len(pairs) / (t.batch_size * accelerator.num_processes))
     total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)

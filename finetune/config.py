@@ -21,6 +21,14 @@ class DataConfig:
     skip_invalid: bool = False
     num_workers: int = 0
 
+    def extra_sources(self) -> list[tuple[str, str | None, int]]:
+        """The `extra` entries as (path, image_root, repeat); an entry may be a bare path."""
+        out = []
+        for extra in self.extra:
+            extra = extra if isinstance(extra, dict) else {"path": extra}
+            out.append((extra["path"], extra.get("image_root"), int(extra.get("repeat", 1))))
+        return out
+
 
 @dataclass
 class LoraSettings:

@@ -38,12 +38,11 @@ def load_data(cfg: TrainConfig, processor, log):
     """Train / eval datasets; invalid samples stop the run unless skip_invalid (ids listed in the output)."""
     samples, errors = load_samples(cfg.data.train)
     roots = [cfg.data.image_root] * len(samples)
-    for extra in cfg.data.extra:
-        extra = extra if isinstance(extra, dict) else {"path": extra}
-        more, more_errors = load_samples(extra["path"])
-        more = more * int(extra.get("repeat", 1))  # e.g. a small text-only set seen several times
+    for path, image_root, repeat in cfg.data.extra_sources():
+        more, more_errors = load_samples(path)
+        more = more * repeat  # e.g. a small text-only set seen several times
         samples += more
-        roots += [extra.get("image_root")] * len(more)
+        roots += [image_root] * len(more)
         errors += more_errors
     if errors:
         shown = "\n  ".join(str(e) for e in errors[:20])
@@ -124,7 +123,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     collate = Collator(processor)
     model.train()
     started = time.time()
-    tokens_seen, window_loss, window_n, window_tokens, window_start = 0, 0.0, 0, 0, time.time()
+    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
     while step < total_steps:
         epoch, index_in_epoch = divmod(micro_step, per_epoch)
@@ -135,9 +134,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         with accelerator.accumulate(model):
             if batch is None:  # every sample in it was skipped (bad images, too long): keep processes in step
                 loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
-                n_tokens = 0
             else:
-                n_tokens = batch.pop("num_label_tokens")
+                batch.pop("num_label_tokens")  # the model's loss already averages over labelled tokens
                 loss = model(**batch).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
