@@ -15,19 +15,17 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from assistant.devices import has_accelerator
 from assistant.images import ImageError, load_image
 from assistant.llm import resolve_llm_dir
 
 from .config import TrainConfig
 from .curves import plot_curves
 from .data import DataError, read_records, resolve_image
-from .trainer import micro_batches, seed_everything
+from .trainer import epoch_batches, make_accelerator, micro_batches, seed_everything
 
 
 def read_pairs(path, image_root) -> list[tuple[Path, str]]:
@@ -52,12 +50,50 @@ def read_pairs(path, image_root) -> list[tuple[Path, str]]:
     return pairs
 
 
+class CaptionPairs(torch.utils.data.Dataset):
+    """(image, caption) pairs read lazily; an unreadable image becomes a skip marker, never a crash."""
+
+    def __init__(self, pairs, tokenizer, images, max_tokens: int, end_id: int):
+        self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
+        self.max_tokens, self.end_id = max_tokens, end_id
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        path, caption = self.pairs[index]
+        try:
+            pixel_values = self.images(images=[load_image(path)], return_tensors="pt")["pixel_values"]
+        except ImageError as e:
+            return {"skipped": f"{path}: {e}"}
+        ids = self.tokenizer(caption, add_special_tokens=False).input_ids[:self.max_tokens - 1] + [self.end_id]
+        return {"pixel_values": pixel_values, "ids": ids}
+
+
+class CaptionCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        skipped = [it["skipped"] for it in items if "skipped" in it]
+        items = [it for it in items if "skipped" not in it]
+        batch = {"skipped": skipped}
+        if len(items) < 2:  # contrastive loss needs at least two pairs
+            return batch
+        longest = max(len(it["ids"]) for it in items)
+        input_ids = torch.full((len(items), longest), self.pad_id)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for j, it in enumerate(items):
+            input_ids[j, :len(it["ids"])], mask[j, :len(it["ids"])] = torch.tensor(it["ids"]), 1
+        batch.update(input_ids=input_ids, attention_mask=mask,
+                     pixel_values=torch.cat([it["pixel_values"] for it in items]))
+        return batch
+
+
 def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
     t, c = cfg.train, cfg.clip
     seed_everything(t.seed)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator())
+    accelerator = make_accelerator(t)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_llm_dir(c.get("tokenizer", "smollm2-135m-instruct")))
@@ -85,30 +121,24 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
     started, step, micro = time.time(), 0, 0
     progress = tqdm(total=total, disable=not accelerator.is_main_process, desc="clip", dynamic_ncols=True)
     model.train()
+    dataset = CaptionPairs(pairs, tokenizer, images, max_tokens, end_id)
+    collate = CaptionCollator(pad_id)
+    batch_iter, iter_epoch = None, None
     while step < total:
         epoch, k = divmod(micro, per_epoch)
-        batch_ids = micro_batches(len(pairs), t.batch_size, accelerator.num_processes, accelerator.process_index,
-                                  t.seed, epoch)[k]
+        if iter_epoch != epoch:
+            order = micro_batches(len(pairs), t.batch_size, accelerator.num_processes, accelerator.process_index,
+                                  t.seed, epoch)[k:]
+            batch_iter, iter_epoch = epoch_batches(dataset, collate, order, cfg.data.num_workers), epoch
+        batch = next(batch_iter)
         micro += 1
-        pil, caps = [], []
-        for i in batch_ids:
-            try:
-                pil.append(load_image(pairs[i][0]))
-                caps.append(pairs[i][1])
-            except ImageError as e:
-                tqdm.write(f"skipping {pairs[i][0]}: {e}")
-        if len(pil) < 2:
+        for problem in batch.pop("skipped"):
+            tqdm.write(f"skipping {problem}")
+        if "input_ids" not in batch:
             continue
-        ids = [tokenizer(cap, add_special_tokens=False).input_ids[:max_tokens - 1] + [end_id] for cap in caps]
-        longest = max(map(len, ids))
-        input_ids = torch.full((len(ids), longest), pad_id)
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for j, seq in enumerate(ids):
-            input_ids[j, :len(seq)], mask[j, :len(seq)] = torch.tensor(seq), 1
-        pixel_values = images(images=pil, return_tensors="pt")["pixel_values"]
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.accumulate(model):
-            out_ = model(input_ids=input_ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
-                         pixel_values=pixel_values.to(accelerator.device), return_loss=True)
+            out_ = model(**batch, return_loss=True)
             accelerator.backward(out_.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or 1.0)
@@ -119,7 +149,8 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
         progress.update(1)
         if step % t.log_every == 0 or step == total:
             with torch.no_grad():
-                acc = (out_.logits_per_image.argmax(-1) == torch.arange(len(pil), device=accelerator.device)).float().mean()
+                n = len(out_.logits_per_image)
+                acc = (out_.logits_per_image.argmax(-1) == torch.arange(n, device=accelerator.device)).float().mean()
             entry = {"step": step, "loss": float(out_.loss), "in_batch_retrieval": float(acc),
                      "elapsed_s": time.time() - started}
             progress.set_postfix(loss=f"{entry['loss']:.3f}", r1=f"{entry['in_batch_retrieval']:.2f}")

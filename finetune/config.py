@@ -19,7 +19,7 @@ class DataConfig:
     extra: list = field(default_factory=list)  # more files to mix in: [{path, image_root, repeat}]
     max_length: int = 1024
     skip_invalid: bool = False
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes that read and preprocess ahead (worth it on a GPU)
 
     def extra_sources(self) -> list[tuple[str, str | None, int]]:
         """The `extra` entries as (path, image_root, repeat); an entry may be a bare path."""
@@ -60,6 +60,7 @@ class TrainSettings:
     quantize: str | None = None  # "4bit" -> QLoRA
     max_minutes: float = 0  # stop (and save) after this much wall time; 0: no limit
     num_threads: int = 0  # torch threads on CPU; 0: leave torch's default
+    mixed_precision: str = "auto"  # "auto" (bf16 on a CUDA GPU, fp32 on CPU) | "no" | "bf16" | "fp16"
 
 
 @dataclass

@@ -1,13 +1,11 @@
 """Lazy training dataset and collation.
 
-Images are read when a sample is used; a bad image found mid-training skips that sample (counted
-in the log), never crashes the run. Over-long samples lose whole trailing turns, never part of an
+Images are read when a sample is used (in DataLoader workers when data.num_workers > 0); a bad image
+found mid-training skips that sample (counted in the log), never crashes the run. Over-long samples lose whole trailing turns, never part of an
 image's positions.
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 
@@ -40,7 +38,6 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.image_roots = image_roots  # one per sample (mixed files have their own roots)
         self.processor = processor
         self.max_length = max_length
-        self.stats = Counter()
 
     def __len__(self):
         return len(self.samples)
@@ -49,32 +46,38 @@ class InstructionDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         encoded, dropped = fit_to_length(self.processor, sample.messages, self.max_length)
         if encoded is None:
-            self.stats["skipped_too_long"] += 1
-            return None
-        self.stats["turns_truncated"] += dropped
+            return {"skipped": "skipped_too_long", "error": f"{sample.where}: longer than data.max_length"}
         images = sample.images[:encoded.num_images]
         try:
             pil = [load_image(resolve_image(self.image_roots[index], p, sample.where), where=sample.where)
                    for p in images]
             pixel_values = self.processor.preprocess_images(pil) if pil else None
         except (ImageError, DataError) as e:
-            self.stats["skipped_bad_image"] += 1
-            self.stats.setdefault("last_bad_image", str(e))
-            return None
-        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": pixel_values}
+            return {"skipped": "skipped_bad_image", "error": str(e)}
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": pixel_values,
+                "turns_truncated": dropped}
 
 
 class Collator:
-    """Right-padded batch; samples that came back None (bad image, too long) are left out."""
+    """Right-padded batch; samples that were skipped (bad image, too long) are left out and counted in
+    batch["skipped"] (the counts travel with the batch, since DataLoader workers have their own copy
+    of the dataset). A batch whose samples were all skipped has only "skipped"."""
 
     def __init__(self, processor):
         self.processor = processor
 
     def __call__(self, items):
-        items = [it for it in items if it is not None]
+        skipped = {"skipped_too_long": 0, "skipped_bad_image": 0, "last_error": None,
+                   "turns_truncated": sum(it.get("turns_truncated", 0) for it in items)}
+        for it in items:
+            if "skipped" in it:
+                skipped[it["skipped"]] += 1
+                skipped["last_error"] = it["error"]
+        items = [it for it in items if "skipped" not in it]
         if not items:
-            return None
+            return {"skipped": skipped}
         batch = self.processor.pad([it["input_ids"] for it in items], [it["labels"] for it in items])
+        batch["skipped"] = skipped
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)

@@ -22,7 +22,8 @@ def evaluate(model, processor, dataset, batch_size: int = 8, max_vqa: int = 200)
     losses, weights = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        if batch is None:
+        batch.pop("skipped")
+        if "input_ids" not in batch:  # every sample in it was skipped
             continue
         n = batch.pop("num_label_tokens")
         losses.append(float(model(**batch).loss) * n)

@@ -9,8 +9,11 @@ split measures generalisation to unseen compositions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,33 +189,43 @@ def make_sample(index: int, split: str, seed: int, image_dir: Path, max_turns: i
     return things, name, qs
 
 
-def write_split(out: Path, split: str, count: int, seed: int) -> None:
+def scene_lines(split: str, seed: int, image_dir: Path, i: int) -> tuple[str, str, str, str]:
+    """Scene i of a split: draws its image and returns its (conversation, caption, align, questions) lines.
+    Each scene depends only on (seed, split, i), so any number of worker processes give the same files."""
+    things, name, qs = make_sample(i, split, seed, image_dir)
+    cap = caption(things)
+    rng = random.Random(f"{seed}-{split}-{i}-conv")
+    turns = []
+    describe_at = rng.randint(0, len(qs)) if rng.random() < 0.25 else None
+    for k, (_, q, a) in enumerate(qs):
+        if k == describe_at:
+            turns += [{"from": "human", "value": rng.choice(["Describe the image.", "What do you see?"])},
+                      {"from": "gpt", "value": cap}]
+        turns += [{"from": "human", "value": f"{q}\n{SHORT}"}, {"from": "gpt", "value": a}]
+    if describe_at == len(qs):
+        turns += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": cap}]
+    turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    conversation = json.dumps({"id": f"{split}-{i}", "image": name, "conversations": turns}) + "\n"
+    cap_line = json.dumps({"id": f"{split}-{i}", "image": name, "caption": cap}) + "\n"
+    align = json.dumps({"id": f"{split}-{i}", "image": name, "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]}) + "\n"
+    questions = "".join(json.dumps({"question_id": f"{split}-{i}-{k}", "image": name, "question": q, "answer": a,
+                                    "question_type": qtype}) + "\n" for k, (qtype, q, a) in enumerate(qs))
+    return conversation, cap_line, align, questions
+
+
+def write_split(out: Path, split: str, count: int, seed: int, workers: int = 1) -> None:
     """Writes <split>.jsonl (multi-turn LLaVA conversations), <split>_captions.jsonl (stage 0),
     <split>_align.jsonl (stage 1) and <split>_questions.jsonl (one question per line, for assistant.vqa)."""
-    image_dir = out / "images"
-    with open(out / f"{split}.jsonl", "w") as conv_f, open(out / f"{split}_captions.jsonl", "w") as cap_f, \
-            open(out / f"{split}_questions.jsonl", "w") as q_f, open(out / f"{split}_align.jsonl", "w") as align_f:
-        for i in range(count):
-            things, name, qs = make_sample(i, split, seed, image_dir)
-            cap = caption(things)
-            rng = random.Random(f"{seed}-{split}-{i}-conv")
-            turns = []
-            describe_at = rng.randint(0, len(qs)) if rng.random() < 0.25 else None
-            for k, (_, q, a) in enumerate(qs):
-                if k == describe_at:
-                    turns += [{"from": "human", "value": rng.choice(["Describe the image.", "What do you see?"])},
-                              {"from": "gpt", "value": cap}]
-                turns += [{"from": "human", "value": f"{q}\n{SHORT}"}, {"from": "gpt", "value": a}]
-            if describe_at == len(qs):
-                turns += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": cap}]
-            turns[0]["value"] = "<image>\n" + turns[0]["value"]
-            conv_f.write(json.dumps({"id": f"{split}-{i}", "image": name, "conversations": turns}) + "\n")
-            cap_f.write(json.dumps({"id": f"{split}-{i}", "image": name, "caption": cap}) + "\n")
-            align_f.write(json.dumps({"id": f"{split}-{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]}) + "\n")
-            for k, (qtype, q, a) in enumerate(qs):
-                q_f.write(json.dumps({"question_id": f"{split}-{i}-{k}", "image": name, "question": q,
-                                      "answer": a, "question_type": qtype}) + "\n")
+    make = functools.partial(scene_lines, split, seed, out / "images")
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(out / f"{split}{suffix}.jsonl", "w"))
+                 for suffix in ("", "_captions", "_align", "_questions")]
+        pool = stack.enter_context(multiprocessing.Pool(workers)) if workers > 1 else None
+        produced = pool.imap(make, range(count), chunksize=64) if pool else map(make, range(count))
+        for lines in produced:
+            for f, line in zip(files, lines):
+                f.write(line)
 
 
 def main(argv=None) -> None:
@@ -221,12 +234,12 @@ def main(argv=None) -> None:
     p.add_argument("--train", type=int, default=6000)
     p.add_argument("--test", type=int, default=600, help="held-out scenes (test) and held-out compositions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes drawing scenes (same files for any number)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_split(out, "train", args.train, args.seed)
-    write_split(out, "test", args.test, args.seed)
-    write_split(out, "compositions", args.test, args.seed)
+    for split, count in (("train", args.train), ("test", args.test), ("compositions", args.test)):
+        write_split(out, split, count, args.seed, args.workers)
     print(f"wrote {args.train} train, {args.test} test and {args.test} held-out-composition scenes to {out}")
 
 

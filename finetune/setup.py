@@ -24,13 +24,13 @@ def prepare_model(cfg: TrainConfig):
     model.config.vision.frozen = cfg.vision == "frozen"
     model.vision_tower.requires_grad_(cfg.vision == "full")
     model.projector.requires_grad_(cfg.projector == "full")
-    model.llm = _prepare_llm(model.llm, cfg)
+    model.llm = prepare_llm(model.llm, cfg)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
-def _prepare_llm(llm, cfg: TrainConfig):
+def prepare_llm(llm, cfg: TrainConfig):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.llm == "lora":

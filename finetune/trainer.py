@@ -78,12 +78,36 @@ def micro_batches(n_samples: int, batch_size: int, world: int, rank: int, seed: 
     return [order[k:k + per_step][rank * batch_size:(rank + 1) * batch_size] for k in range(0, n_samples, per_step)]
 
 
+def mixed_precision(setting: str) -> str:
+    """"auto": bf16 autocast on a CUDA GPU that has it, fp32 elsewhere (bf16 matmuls are 10-40x slower
+    than fp32 on CPUs without AMX); "no" | "bf16" | "fp16" as accelerate takes them."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def epoch_batches(dataset, collate, index_lists: list[list[int]], num_workers: int):
+    """Collated micro-batches in the given order; with workers, read and preprocessed ahead of the GPU."""
+    if num_workers <= 0:
+        return (collate([dataset[i] for i in ids]) for ids in index_lists)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=index_lists, collate_fn=collate,
+                                            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                            prefetch_factor=4))
+
+
+def make_accelerator(t) -> Accelerator:
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) on tensor cores
+    return Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator(),
+                       mixed_precision=mixed_precision(t.mixed_precision))
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     cfg.validate()
     t = cfg.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator())
+    accelerator = make_accelerator(t)
     out = Path(t.output_dir)
     is_main = accelerator.is_main_process
     if is_main:
@@ -124,13 +148,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model.train()
     started = time.time()
     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
+    skipped = {"skipped_too_long": 0, "skipped_bad_image": 0, "turns_truncated": 0, "last_error": None}
+    batch_iter, iter_epoch = None, None
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
     while step < total_steps:
         epoch, index_in_epoch = divmod(micro_step, per_epoch)
-        batches = micro_batches(len(train_set), t.batch_size, accelerator.num_processes,
-                                accelerator.process_index, t.seed, epoch)
-        batch = collate([train_set[i] for i in batches[index_in_epoch]]) if index_in_epoch < len(batches) else None
+        if iter_epoch != epoch:  # a new epoch (or a resume part-way into one): its order from here on
+            order = micro_batches(len(train_set), t.batch_size, accelerator.num_processes,
+                                  accelerator.process_index, t.seed, epoch)[index_in_epoch:]
+            batch_iter, iter_epoch = epoch_batches(train_set, collate, order, cfg.data.num_workers), epoch
+        batch = next(batch_iter, None)
         micro_step += 1
+        if batch is not None:
+            for key, value in batch.pop("skipped").items():
+                if key != "last_error":
+                    skipped[key] += value
+                elif value:
+                    skipped[key] = value
+            if "input_ids" not in batch:
+                batch = None
         with accelerator.accumulate(model):
             if batch is None:  # every sample in it was skipped (bad images, too long): keep processes in step
                 loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
@@ -158,16 +194,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             entry = {"step": step, "loss": window_loss / max(window_n, 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
                      "epoch": micro_step / per_epoch, "elapsed_s": time.time() - started,
-                     **{k: v for k, v in train_set.stats.items() if isinstance(v, int)}}
+                     **{k: v for k, v in skipped.items() if isinstance(v, int)}}
             record(entry)
             progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
         out_of_time = t.max_minutes and (time.time() - started) / 60 >= t.max_minutes
         if eval_set is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps or out_of_time):
             if is_main:
-                metrics = evaluate(accelerator.unwrap_model(model), processor, eval_set)
-                record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-                log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                try:
+                    metrics = evaluate(accelerator.unwrap_model(model), processor, eval_set)
+                except Exception as e:  # noqa: BLE001 - a failed evaluation must not end hours of training
+                    record({"step": step, "eval_error": f"{type(e).__name__}: {e}"})
+                    log(f"step {step}: evaluation failed ({type(e).__name__}: {e}); training goes on")
+                else:
+                    record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+                    log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             accelerator.wait_for_everyone()
             model.train()
         if step % t.save_every == 0 or out_of_time:
@@ -176,9 +217,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             log(f"stopping after {t.max_minutes} minutes (train.max_minutes) at step {step}")
             break
     progress.close()
-    if train_set.stats.get("skipped_bad_image"):
-        log(f"skipped {train_set.stats['skipped_bad_image']} sample(s) with unreadable images "
-            f"(last: {train_set.stats['last_bad_image']})")
+    if skipped["skipped_bad_image"] or skipped["skipped_too_long"]:
+        log(f"skipped {skipped['skipped_bad_image']} sample(s) with unreadable images and "
+            f"{skipped['skipped_too_long']} too long for data.max_length (last: {skipped['last_error']})")
     accelerator.wait_for_everyone()
     if is_main:
         unwrapped = accelerator.unwrap_model(model)

@@ -13,23 +13,35 @@ MINUTES=${MINUTES:-55}
 STEPS=${STEPS:-0}
 COMPARE_MINUTES=${COMPARE_MINUTES:-5}
 EXTRA=${EXTRA:-}  # e.g. EXTRA="train.max_steps=2" for a dry run of the whole recipe
+# Per-stage overrides (batch size, workers, minutes...): scripts/train_default_gpu.sh sets them for a GPU.
+STAGE0_EXTRA=${STAGE0_EXTRA:-} STAGE1_EXTRA=${STAGE1_EXTRA:-} STAGE2_EXTRA=${STAGE2_EXTRA:-}
+# The projectors to compare; with one, the comparison runs are skipped and the recorded one is kept.
+PROJECTORS=${PROJECTORS:-mlp2x_gelu qformer}
 # glibc malloc's defaults made this VM spend its time in page faults (see shared/DESIGN.md).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
 
-python -m finetune.scenes --out data/scenes --train ${SCENES:-4000} --test 300
+python -m finetune.scenes --out data/scenes --train ${SCENES:-4000} --test 300 --workers ${WORKERS:-2}
 mkdir -p data/easyvqa
 python -m finetune.easyvqa --out data/easyvqa/train.jsonl --captions data/easyvqa/train_captions.jsonl \
   --align data/easyvqa/train_align.jsonl
 
-python -m finetune --config configs/train/default_clip.yaml train.output_dir=$RUNS/clip $EXTRA
+python -m finetune --config configs/train/default_clip.yaml train.output_dir=$RUNS/clip $STAGE0_EXTRA $EXTRA
 
-for proj in mlp2x_gelu qformer; do
+for proj in $PROJECTORS; do
   extra=()
   [ $proj = qformer ] && extra=("model_config.projector.num_queries=16")
   python -m finetune --config configs/train/default_align.yaml train.output_dir=$RUNS/align-$proj \
-    model_config.vision.pretrained=$RUNS/clip model_config.projector.type=$proj "${extra[@]}" $EXTRA
+    model_config.vision.pretrained=$RUNS/clip model_config.projector.type=$proj "${extra[@]}" $STAGE1_EXTRA $EXTRA
+done
+if [ "$(echo $PROJECTORS | wc -w)" = 1 ]; then
+  best=$PROJECTORS
+  start=$RUNS/align-$best
+  cp assistant/default_model/projector_comparison.json $RUNS/ 2>/dev/null || true  # the recorded comparison
+else
+for proj in $PROJECTORS; do
   python -m finetune --config configs/train/default_instruct.yaml init=$RUNS/align-$proj \
-    train.output_dir=$RUNS/compare-$proj train.max_minutes=$COMPARE_MINUTES train.eval_every=100000 $EXTRA
+    train.output_dir=$RUNS/compare-$proj train.max_minutes=$COMPARE_MINUTES train.eval_every=100000 \
+    $STAGE2_EXTRA $EXTRA
 done
 best=$(python - "$RUNS" <<'PY'
 import json, sys
@@ -45,13 +57,15 @@ print(max(scores, key=scores.get))
 PY
 )
 echo "projector comparison: $(cat $RUNS/projector_comparison.json); continuing with $best"
-python -m finetune --config configs/train/default_instruct.yaml init=$RUNS/compare-$best \
+start=$RUNS/compare-$best
+fi
+python -m finetune --config configs/train/default_instruct.yaml init=$start \
   train.output_dir=$RUNS/instruct train.max_minutes=$([ "$STEPS" -gt 0 ] && echo 0 || echo $MINUTES) \
-  train.max_steps=$STEPS $EXTRA
+  train.max_steps=$STEPS $STAGE2_EXTRA $EXTRA
 
 target=${TARGET:-assistant/default_model}
 rm -rf $target && mkdir -p $target
 cp -r $RUNS/instruct/{vlm_config.json,vision_tower.safetensors,projector.safetensors,preprocessor_config.json,adapter} $target/
-cp $RUNS/projector_comparison.json $RUNS/instruct/training_curves.png $target/ 2>/dev/null || true
+cp $RUNS/projector_comparison.json $RUNS/instruct/{training_curves.png,train_log.jsonl} $target/ 2>/dev/null || true
 du -sh $target
 echo "default model written to $target"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from assistant.builder import build_model
 from assistant.chat_format import IGNORE_INDEX
 from finetune.data import DataError, load_samples, resolve_image
-from finetune.dataset import InstructionDataset, fit_to_length
+from finetune.dataset import Collator, InstructionDataset, fit_to_length
 from finetune.scenes import write_split
 from finetune.validate import validate
 
@@ -125,7 +125,9 @@ def test_bad_image_mid_training_is_skipped_and_counted(tiny_llm_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [conv("bad.png")])
     samples, _ = load_samples(data)
     ds = InstructionDataset(samples, [tmp_path], processor, 256)
-    assert ds[0] is None and ds.stats["skipped_bad_image"] == 1
+    assert ds[0]["skipped"] == "skipped_bad_image" and ds[0]["error"]
+    batch = Collator(processor)([ds[0]])  # the count travels with the batch (DataLoader workers)
+    assert set(batch) == {"skipped"} and batch["skipped"]["skipped_bad_image"] == 1
 
 
 def test_image_root_escape_is_refused(tmp_path):
@@ -176,7 +178,7 @@ def test_stage_trains_and_output_is_a_model_spec(tiny_llm_dir, tmp_path, scenes,
 
 def test_clip_stage_produces_a_vision_tower(tiny_llm_dir, tmp_path, scenes):
     cfg = {"stage": "clip", "data": {"train": str(scenes / "train_captions.jsonl"),
-                                     "image_root": str(scenes / "images")},
+                                     "image_root": str(scenes / "images"), "num_workers": 2},
            "clip": {"image_size": 32, "vision": {k: v for k, v in TINY_VISION["clip"].items() if k != "image_size"},
                     "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                              "num_attention_heads": 2}, "projection_dim": 16},
@@ -230,6 +232,18 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_llm_dir, tmp_path, scen
     a, b = trained_weights(straight / "out"), trained_weights(killed / "out")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_dataloader_workers_train_exactly_like_the_main_process(tiny_llm_dir, tmp_path, scenes):
+    outs = []
+    for workers in (0, 2):
+        run_dir = tmp_path / f"workers{workers}"
+        run_dir.mkdir()
+        run_finetune("--config", tiny_recipe(run_dir, tiny_llm_dir, scenes, max_steps=5, eval_every=0),
+                     f"data.num_workers={workers}")
+        outs.append(trained_weights(run_dir / "out"))
+    worst = max((outs[0][k] - outs[1][k]).abs().max().item() for k in outs[0])
     assert worst <= 1e-6, worst
 
 
