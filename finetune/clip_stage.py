@@ -151,7 +151,7 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
             with torch.no_grad():
                 n = len(out_.logits_per_image)
                 acc = (out_.logits_per_image.argmax(-1) == torch.arange(n, device=accelerator.device)).float().mean()
-            entry = {"step": step, "loss": float(out_.loss), "in_batch_retrieval": float(acc),
+            entry = {"step": step, "loss": float(out_.loss.detach()), "in_batch_retrieval": float(acc),
                      "elapsed_s": time.time() - started}
             progress.set_postfix(loss=f"{entry['loss']:.3f}", r1=f"{entry['in_batch_retrieval']:.2f}")
             if accelerator.is_main_process:
