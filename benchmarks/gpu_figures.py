@@ -151,8 +151,12 @@ def training_figures(model, processor, image, spec, steps=10) -> dict:
 
     for _ in range(3):
         step()
+    # torch's SDPA FLOP formula rejects grouped-query shapes: count one step with eager attention (same math)
+    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    base.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
         step()
+    base.set_attn_implementation("sdpa")
     flops = counter.get_total_flops()
     times = []
     for _ in range(steps):
