@@ -1,7 +1,8 @@
 """The inference engine behind the chat UI, the API and batch VQA.
 
 - `Engine.answer_batch`: many independent questions at once (left padding, one vision-tower call
-  per batch), greedy answers identical to one-at-a-time.
+  per batch, questions about the same image share its prefix: shared_prefix.py), greedy answers
+  identical to one-at-a-time.
 - `Engine.stream_chat`: one turn of a `ChatSession`, streamed as text deltas. A session keeps its
   KV cache and its images' features: a follow-up re-encodes no image and only feeds the tokens
   the cache does not already hold (prefix caching, so a re-rendered history costs nothing).
@@ -17,8 +18,9 @@ import torch
 from transformers import DynamicCache
 
 from .chat_format import ConversationError
-from .generation import GenerationConfig, TextStream, decode, end_token_ids
+from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from .images import load_image
+from .shared_prefix import shared_prefix_groups
 
 
 @dataclass
@@ -110,15 +112,20 @@ class Engine:
     def answer_batch(self, conversations, images, config: GenerationConfig | None = None) -> list[str]:
         """Answer a batch of conversations (each with its list of images); returns the replies."""
         config = (config or GenerationConfig(max_new_tokens=32)).validate()
-        flat = [im for ims in images for im in ims]
-        encoded = [self.processor.encode(c, ims) for c, ims in zip(conversations, images)]
-        batch = self.processor.pad([e.input_ids for e in encoded], padding_side="left")
-        features = self.encode_images(flat) if flat else None
-        with torch.inference_mode():
-            embeds = self.model.embed(batch["input_ids"], features)
+        ids = [self.processor.encode(c, ims).input_ids for c, ims in zip(conversations, images)]
+        pixels = [self.processor.preprocess_images(ims) if ims else None for ims in images]
+        groups = shared_prefix_groups(ids, pixels, self.processor.image_token_id)
+        if len(groups) == len(ids):  # nothing shared: one left-padded prefill
+            batch = self.processor.pad(ids, padding_side="left")
+            features = self._features([p for p in pixels if p is not None])
+            with torch.inference_mode():
+                embeds = self.model.embed(batch["input_ids"], features)
+            steps = decode(self.model, embeds, batch["attention_mask"], config, self.end_ids)
+        else:
+            steps = self._decode_with_shared_prefixes(ids, pixels, groups, config)
         streams = [TextStream(self.tokenizer, config.stop) for _ in conversations]
         done = [False] * len(conversations)
-        for step in decode(self.model, embeds, batch["attention_mask"], config, self.end_ids):
+        for step in steps:
             for i, token in enumerate(step.tolist()):
                 if done[i]:
                     continue
@@ -130,6 +137,37 @@ class Engine:
             if all(done):
                 break
         return [s.text.rstrip("\ufffd").strip() for s in streams]
+
+    def _features(self, pixel_list) -> torch.Tensor | None:
+        if not pixel_list:
+            return None
+        self.vision_calls += 1
+        with torch.inference_mode():
+            return self.model.encode_images(torch.cat(pixel_list))
+
+    def _decode_with_shared_prefixes(self, ids, pixels, groups, config):
+        """Each group's prefix (system prompt, images, common words) computed once; its KV cache is
+        copied to the group's rows, which then feed only their own tokens."""
+        firsts = [members[0] for members, _ in groups]
+        prefixes = self.processor.pad([ids[r][:length] for r, (_, length) in zip(firsts, groups)],
+                                      padding_side="left")
+        features = self._features([pixels[r] for r in firsts if pixels[r] is not None])
+        cache = DynamicCache(config=self.model.llm.config)
+        with torch.inference_mode():
+            prefill(self.model, self.model.embed(prefixes["input_ids"], features), prefixes["attention_mask"], cache)
+        group_of = [0] * len(ids)
+        for g, (members, length) in enumerate(groups):
+            for r in members:
+                group_of[r] = g
+        rows = torch.tensor(group_of)
+        cache.batch_select_indices(rows.to(self.model.device))
+        suffixes = self.processor.pad([ids[r][groups[group_of[r]][1]:] for r in range(len(ids))], padding_side="left")
+        # [left-padded prefix | left-padded suffix]: the gap is masked, positions count real tokens only
+        mask = torch.cat([prefixes["attention_mask"][rows], suffixes["attention_mask"]], dim=1)
+        with torch.inference_mode():
+            embeds = self.model.embed(suffixes["input_ids"], None)
+        return decode(self.model, embeds, mask, config, self.end_ids, cache=cache,
+                      past_length=prefixes["input_ids"].shape[1])
 
     # ---- chat --------------------------------------------------------------------------------
     def stream_chat(self, session: ChatSession, config: GenerationConfig | None = None, should_stop=None):

@@ -78,6 +78,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def prefill(model, inputs_embeds, attention_mask, cache: DynamicCache, past_length: int = 0) -> None:
+    """Run `inputs_embeds` through the LLM into `cache` (positions after `past_length`), no tokens out."""
+    positions = position_ids_from_mask(attention_mask)[:, past_length:]
+    model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
+              position_ids=positions.to(inputs_embeds.device), use_cache=True, logits_to_keep=1,
+              **{cache_kwarg(model.llm): cache})
+
+
+@torch.inference_mode()
 def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_ids: set[int], *,
            cache: DynamicCache | None = None, past_length: int = 0, should_stop=None):
     """Prefill `inputs_embeds` (after `past_length` cached positions) and decode.

@@ -105,6 +105,27 @@ def test_batch_greedy_matches_single(tiny_llm_dir):
     assert batched == single
 
 
+def test_questions_about_one_image_share_its_prefix_and_match_single(tiny_llm_dir):
+    torch.manual_seed(0)
+    model, processor = build_model(tiny_config(tiny_llm_dir))
+    engine = Engine(model, processor)
+    texts = ["what colour?", "how many shapes are there in it?", "is it big?", "where?", "what shape is it?"]
+    questions = [image_question(t) for t in texts] + [image_question("two images?", n_images=2), "text only?"]
+    questions[-1] = [{"role": "user", "content": [{"type": "text", "text": "text only?"}]}]
+    # rows 0-4 ask about one image (loaded separately each time, as the VQA runner does), row 5 has two
+    images = [[random_image(7)] for _ in texts] + [[random_image(3), random_image(4)], []]
+    cfg = GenerationConfig(max_new_tokens=8)
+    encoded = []
+    original = model.encode_images
+    model.encode_images = lambda pixels: encoded.append(len(pixels)) or original(pixels)
+    batched = engine.answer_batch(questions, images, cfg)
+    assert encoded == [3]  # one call: the shared image once, plus row 5's two
+    model.encode_images = original
+    single = [engine.answer_batch([q], [im], cfg)[0] for q, im in zip(questions, images)]
+    assert batched == single
+    assert len(set(batched[:5])) > 1  # the test model's answers depend on the question
+
+
 def test_text_stream_stops_and_holds_back(tiny_llm_dir):
     from assistant.generation import TextStream
     from helpers import smollm2_tokenizer
