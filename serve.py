@@ -20,7 +20,10 @@ def parse_args(argv=None):
                    help="USER:PASS for the UI (or env VISION_ASSISTANT_AUTH); the API then needs 'Bearer PASS'")
     p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
     p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
-    p.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LLM in 4/8 bit (bitsandbytes)")
+    p.add_argument("--quantize", default="auto",
+                   help="LLM weights: auto (int8wo on a CPU, full precision on a GPU), none (full precision), "
+                        "int8wo (torchao weight-only int8: faster CPU decoding, answers can differ slightly), "
+                        "4bit / 8bit (bitsandbytes)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link (UI only)")
@@ -53,9 +56,16 @@ def main(argv=None) -> int:
     from assistant.engine import Engine
     from assistant.loading import ModelSpecError, load_model
 
+    from assistant.quantization import resolve_quantize
+
+    try:
+        resolve_quantize(args.quantize)
+    except ValueError as e:
+        print(f"error: --quantize: {e}", file=sys.stderr)
+        return 2
     try:
         model, processor = load_model(args.model, quantize=args.quantize)
-    except (ModelSpecError, FileNotFoundError, ValueError) as e:
+    except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
     args.model_name = "default" if args.model == "default" else os.path.basename(os.path.normpath(args.model))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
+
 from .checkpoint import is_checkpoint, load_checkpoint
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
+from .quantization import WEIGHT_ONLY, quantize_weights, resolve_quantize
 
 
 class ModelSpecError(ValueError):
@@ -15,7 +18,22 @@ class ModelSpecError(ValueError):
 
 
 def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None):
-    """Resolve a model spec and load it -> (model, processor)."""
+    """Resolve a model spec and load it -> (model, processor).
+
+    `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8wo" (torchao
+    weight-only int8, for inference: a LoRA adapter is merged first) or "auto" (see quantization.py)."""
+    mode = resolve_quantize(quantize)
+    if mode in WEIGHT_ONLY:
+        model, processor = _load(spec, None, device_map)
+        if isinstance(model.llm, PeftModel):
+            model.llm = model.llm.merge_and_unload()  # quantise the merged weights; no LoRA matmuls per token
+        quantize_weights(model.llm, mode)
+        model.quantized = mode  # said in the UI header; checkpoints refuse to save it
+        return model, processor
+    return _load(spec, mode, device_map)
+
+
+def _load(spec: str, quantize: str | None, device_map):
     if spec == "default":
         if is_checkpoint(DEFAULT_MODEL_DIR):
             return load_checkpoint(DEFAULT_MODEL_DIR, quantize=quantize, device_map=device_map)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..metrics import score_items
+from ..quantization import CHOICES as QUANTIZE_CHOICES
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-suffix", default=LLAVA_SHORT_ANSWER,
                      help=f"appended to each question on a new line (default: {LLAVA_SHORT_ANSWER!r}; '' for none)")
     run.add_argument("--limit", type=int, help="only the first N questions")
-    run.add_argument("--quantize", choices=["4bit", "8bit"], help="load the LLM in 4/8 bit (bitsandbytes)")
+    run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                   help="LLM weights: auto (int8wo on a CPU, full precision on a GPU), none (full precision), "
+                        "int8wo (torchao weight-only int8: faster CPU decoding, answers can differ slightly), "
+                        "4bit / 8bit (bitsandbytes)")
     score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
     score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
     score.add_argument("--annotations", required=True, help="VQAv2 annotations JSON, or JSONL with answers")
@@ -68,7 +72,7 @@ def run_command(args) -> int:
 
     try:
         model, processor = load_model(args.model, quantize=args.quantize)
-    except (ModelSpecError, FileNotFoundError, ValueError) as e:
+    except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
     if not model.config.trained:
