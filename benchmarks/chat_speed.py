@@ -1,8 +1,10 @@
-"""Chat speed on this machine, one JSON line: decode tokens/s of our engine against plain
-transformers `generate` (fp32) on the same LLM, time to first token for a new image + question,
-and at turn 8 against turn 1 of one conversation. Medians of several runs, measured side by side.
+"""Chat speed on this machine, one JSON line: decode tokens/s of our engine (as `serve.py` runs it:
+--quantize auto) against plain transformers `generate` in fp32 on the same model (adapter merged),
+and against llama.cpp on the same SmolLM2 GGUF when llama-cpp-python is installed (the row is
+skipped otherwise); time to first token for a new image + question, and at turn 8 against turn 1
+of one conversation. Medians of several runs, measured side by side.
 
-    python benchmarks/chat_speed.py [--model default] [--repeats 3] [--new-tokens 64]"""
+    python benchmarks/chat_speed.py [--model default] [--quantize auto] [--repeats 3] [--new-tokens 64]"""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "server" / "examples"
 
 def engine_decode_rate(engine, n_tokens) -> float:
     session = ChatSession()
-    session.add_user_message("Write a long story about a dragon who learns to paint.")
+    session.add_user_message(PROMPT)
     cfg = GenerationConfig(max_new_tokens=n_tokens)
     stream = engine.stream_chat(session, cfg)
     next(stream)  # first token: prefill done
@@ -36,11 +38,13 @@ def engine_decode_rate(engine, n_tokens) -> float:
     return generated / (time.perf_counter() - t) if rest or generated else 0.0
 
 
-def plain_generate_rate(model, processor, n_tokens) -> float:
+PROMPT = "Write a long story about a dragon who learns to paint."
+
+
+def plain_generate_rate(llm, processor, n_tokens) -> float:
     """The baseline: transformers' generate on the bare LLM, greedy, fp32, same prompt."""
-    llm = model.llm
     ids = processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}],
+        [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.inference_mode():
         t = time.perf_counter()
@@ -51,6 +55,27 @@ def plain_generate_rate(model, processor, n_tokens) -> float:
         total = time.perf_counter() - t
     assert first.shape[1] == ids.shape[1] + 1
     return (out.shape[1] - ids.shape[1] - 1) / max(total - prefill, 1e-9)
+
+
+def llama_cpp_rate(processor, n_tokens) -> float | None:
+    """llama.cpp (llama-cpp-python) on the GGUF our builtin SmolLM2 comes from, 2 threads, greedy."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from assistant.llm import builtin_gguf_path
+
+    global _LLAMA
+    if "_LLAMA" not in globals():
+        _LLAMA = Llama(model_path=str(builtin_gguf_path("smollm2-135m-instruct")), n_threads=torch.get_num_threads(),
+                       n_ctx=1024, verbose=False)
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                                     tokenize=False)
+    stream = _LLAMA.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stream=True)
+    next(stream)
+    t = time.perf_counter()
+    rest = sum(1 for _ in stream)
+    return rest / (time.perf_counter() - t)
 
 
 def ttft(engine, session) -> float:
@@ -78,16 +103,20 @@ def conversation_ttfts(engine, turns=8) -> list[float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default")
+    p.add_argument("--quantize", default="auto", help="our engine's weights, as serve.py takes it")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, quantize=args.quantize)
     engine = Engine(model, processor)
+    baseline, _ = load_model(args.model, quantize="none")
+    plain_llm = baseline.llm.merge_and_unload() if hasattr(baseline.llm, "merge_and_unload") else baseline.llm
     engine_decode_rate(engine, 8)  # warm-up
-    ours, base, first, t1, t5, t8 = [], [], [], [], [], []
+    ours, base, llama, first, t1, t5, t8 = [], [], [], [], [], [], []
     for _ in range(args.repeats):
         ours.append(engine_decode_rate(engine, args.new_tokens))
-        base.append(plain_generate_rate(model, processor, args.new_tokens))
+        base.append(plain_generate_rate(plain_llm, processor, args.new_tokens))
+        llama.append(llama_cpp_rate(processor, args.new_tokens))
         s = ChatSession()
         s.add_user_message("What color is the diamond?", [EXAMPLES / "scene1.png"])
         first.append(ttft(engine, s))
@@ -98,12 +127,16 @@ def main(argv=None) -> None:
     med = statistics.median
     print(json.dumps({
         "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
+        "weights": getattr(model, "quantized", None) or "fp32",
         "decode_tokens_per_s": round(med(ours), 2), "baseline_generate_tokens_per_s": round(med(base), 2),
         "decode_ratio_vs_generate": round(med(ours) / med(base), 2),
+        **({"llama_cpp_tokens_per_s": round(med(llama), 2), "decode_ratio_vs_llama_cpp": round(med(ours) / med(llama), 2)}
+           if llama[0] is not None else {"llama_cpp": "skipped: llama-cpp-python is not installed"}),
         "ttft_new_image_s": round(med(first), 3), "ttft_turn1_s": round(med(t1), 3), "ttft_turn5_s": round(med(t5), 3),
         "ttft_turn8_s": round(med(t8), 3),
         "ttft_turn8_over_turn1": round(med(t8) / med(t1), 2),
-        "runs": {"decode": [round(x, 2) for x in ours], "generate": [round(x, 2) for x in base]}}))
+        "runs": {"decode": [round(x, 2) for x in ours], "generate": [round(x, 2) for x in base],
+                 "llama_cpp": [round(x, 2) for x in llama if x is not None]}}))
 
 
 if __name__ == "__main__":

@@ -63,19 +63,34 @@ def main(argv=None) -> None:
     p.add_argument("--scenes", default="data/scenes", help="folder with the held-out scene splits (made if missing)")
     p.add_argument("--easy-vqa-limit", type=int, help="first N easy-VQA test questions (default: all 9,673)")
     p.add_argument("--scenes-limit", type=int)
+    p.add_argument("--quantize", default="none", help="LLM weights (the table is fp32: none; int8wo for the fast path)")
+    p.add_argument("--parts", default="easy_vqa,scenes,text", help="which parts of the table to measure")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, quantize=args.quantize)
     engine = Engine(model, processor)
-    result = {"benchmark": "default_model", "model": args.model}
+    weights = getattr(model, "quantized", None) or "fp32"
+    out = out / weights if weights != "fp32" else out  # answer files of each precision apart
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "default_model", "model": args.model, "weights": weights}
 
-    items, root = builtin_dataset("easy-vqa:test")
-    m, _, _ = scored(engine, items, out / "easyvqa_test.jsonl", root, args.easy_vqa_limit)
-    result["easy_vqa_test"] = {"count": m["count"], "vqa_accuracy": m["vqa_accuracy"],
-                               "by_type": {k: v["vqa_accuracy"] for k, v in m.get("by_question_type", {}).items()}}
+    if "easy_vqa" in parts:
+        items, root = builtin_dataset("easy-vqa:test")
+        m, _, _ = scored(engine, items, out / "easyvqa_test.jsonl", root, args.easy_vqa_limit)
+        result["easy_vqa_test"] = {"count": m["count"], "vqa_accuracy": m["vqa_accuracy"],
+                                   "by_type": {k: v["vqa_accuracy"] for k, v in m.get("by_question_type", {}).items()}}
+    if "scenes" in parts:
+        scenes_part(engine, args, out, result)
+    if "text" in parts:
+        text_part(engine, result)
+    result["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(result))
 
+
+def scenes_part(engine, args, out, result) -> None:
     scenes = ensure_scenes(Path(args.scenes))
     test = load_questions(scenes / "test_questions.jsonl")
     m, rows, _ = scored(engine, test, out / "scenes_test.jsonl", scenes / "images", args.scenes_limit)
@@ -89,14 +104,14 @@ def main(argv=None) -> None:
     m, _, _ = scored(engine, comp, out / "scenes_compositions.jsonl", scenes / "images", args.scenes_limit)
     result["held_out_compositions"] = {"count": m["count"], "vqa_accuracy": m["vqa_accuracy"]}
 
+
+def text_part(engine, result) -> None:
     chats = {}
     for q in ["What is the capital of France?"] + GENERAL_QUESTIONS:
         s = ChatSession()
         s.add_user_message(q)
         chats[q] = engine.chat(s, GenerationConfig(max_new_tokens=60))
     result["text_chat"] = {"paris": "Paris" in chats["What is the capital of France?"], "answers": chats}
-    result["seconds"] = round(time.time() - started, 1)
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--items", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quantize", default="auto", help="LLM weights, as the VQA command takes them")
     args = p.parse_args(argv)
     import torch
 
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, quantize=args.quantize)
     engine = Engine(model, processor)
     items, root = builtin_dataset("easy-vqa:test")
     items = items[:args.items]
@@ -49,6 +50,7 @@ def main(argv=None) -> None:
             runs[bs].append(items_per_second(engine, items, root, bs))
     b1, b16 = statistics.median(runs[1]), statistics.median(runs[16])
     print(json.dumps({"benchmark": "vqa_throughput", "model": args.model, "items": len(items),
+                      "weights": getattr(model, "quantized", None) or "fp32",
                       "threads": torch.get_num_threads(), "batch1_items_per_s": round(b1, 3),
                       "batch16_items_per_s": round(b16, 3), "ratio_16_vs_1": round(b16 / b1, 2),
                       "runs": {str(k): [round(x, 3) for x in v] for k, v in runs.items()}}))
