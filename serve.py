@@ -21,8 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
     p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     p.add_argument("--quantize", default="auto",
-                   help="LLM weights: auto (int8wo on a CPU, full precision on a GPU), none (full precision), "
-                        "int8wo (torchao weight-only int8: faster CPU decoding, answers can differ slightly), "
+                   help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), "
+                        "int8 (dynamic int8 on the CPU: faster decoding, answers can differ slightly), "
                         "4bit / 8bit (bitsandbytes)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")

@@ -10,7 +10,7 @@ from peft import PeftModel
 from .checkpoint import is_checkpoint, load_checkpoint
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
-from .quantization import WEIGHT_ONLY, quantize_weights, resolve_quantize
+from .quantization import AFTER_LOADING, quantize_weights, resolve_quantize
 
 
 class ModelSpecError(ValueError):
@@ -20,10 +20,10 @@ class ModelSpecError(ValueError):
 def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None):
     """Resolve a model spec and load it -> (model, processor).
 
-    `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8wo" (torchao
-    weight-only int8, for inference: a LoRA adapter is merged first) or "auto" (see quantization.py)."""
+    `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (torch.ao
+    dynamic int8 on the CPU, for inference: a LoRA adapter is merged first) or "auto" (quantization.py)."""
     mode = resolve_quantize(quantize)
-    if mode in WEIGHT_ONLY:
+    if mode in AFTER_LOADING:
         model, processor = _load(spec, None, device_map)
         if isinstance(model.llm, PeftModel):
             model.llm = model.llm.merge_and_unload()  # quantise the merged weights; no LoRA matmuls per token

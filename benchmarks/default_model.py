@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--scenes", default="data/scenes", help="folder with the held-out scene splits (made if missing)")
     p.add_argument("--easy-vqa-limit", type=int, help="first N easy-VQA test questions (default: all 9,673)")
     p.add_argument("--scenes-limit", type=int)
-    p.add_argument("--quantize", default="none", help="LLM weights (the table is fp32: none; int8wo for the fast path)")
+    p.add_argument("--quantize", default="none", help="LLM weights (the table is fp32: none; int8 for the fast path)")
     p.add_argument("--parts", default="easy_vqa,scenes,text", help="which parts of the table to measure")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))

@@ -1,4 +1,4 @@
-"""4-bit / 8-bit LLM loading through bitsandbytes, torchao weight-only int8, and accelerate placement."""
+"""4-bit / 8-bit LLM loading through bitsandbytes, dynamic int8 on the CPU, and accelerate placement."""
 
 import pytest
 import torch
@@ -46,22 +46,25 @@ def test_bad_quantize_value():
         quantization_config("3bit")
 
 
-def test_int8_weight_only_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
+def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     from peft import LoraConfig, get_peft_model
-    from torchao.utils import TorchAOBaseTensor
 
     torch.manual_seed(0)
     model, processor = build_model(tiny_config(tiny_llm_dir_gentle))
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     save_checkpoint(model, processor, tmp_path / "ckpt")
     full, _ = load_model(str(tmp_path / "ckpt"), quantize="none")
-    quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8wo")
-    assert quant.quantized == "int8wo" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
-    assert isinstance(quant.llm.model.layers[0].mlp.down_proj.weight, TorchAOBaseTensor)
+    quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8")
+    assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
+    mlp = quant.llm.model.layers[0].mlp
+X
+    assert type(mlp.down_proj) is torch.nn.Linear  # outlier activations: kept fp32
     batch = qproc([image_question()], [[random_image()]])
     with torch.no_grad():
         a, b = full(**batch).logits, quant(**batch).logits
-    assert (b - a).norm() / a.norm() < 0.05  # int8 per-channel weights: 3% here, on 64-wide rows
+    # int8 weights and 7-bit dynamic activations on a 64-wide random model: about 12% relative error
+    # (the real default model's accuracy with it is measured in the README)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
     answer = Engine(quant, qproc).answer_batch([image_question()], [[random_image()]],
                                                GenerationConfig(max_new_tokens=3))
     assert isinstance(answer[0], str)
@@ -72,7 +75,7 @@ def test_int8_weight_only_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle
 def test_quantize_auto_and_bad_values():
     from assistant.quantization import resolve_quantize
 
-    assert resolve_quantize("auto") == ("int8wo" if not torch.cuda.is_available() else None)
+    assert resolve_quantize("auto") == ("int8" if not torch.cuda.is_available() else None)
     assert resolve_quantize("none") is None and resolve_quantize(None) is None
-    with pytest.raises(ValueError, match="int8wo"):
+    with pytest.raises(ValueError, match="int8"):
         resolve_quantize("int3")

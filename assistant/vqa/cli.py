@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"appended to each question on a new line (default: {LLAVA_SHORT_ANSWER!r}; '' for none)")
     run.add_argument("--limit", type=int, help="only the first N questions")
     run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
-                   help="LLM weights: auto (int8wo on a CPU, full precision on a GPU), none (full precision), "
-                        "int8wo (torchao weight-only int8: faster CPU decoding, answers can differ slightly), "
+                   help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), "
+                        "int8 (dynamic int8 on the CPU: faster decoding, answers can differ slightly), "
                         "4bit / 8bit (bitsandbytes)")
     score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
     score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
