@@ -57,7 +57,7 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8")
     assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
     mlp = quant.llm.model.layers[0].mlp
-X
+    assert isinstance(mlp.gate_proj, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
     assert type(mlp.down_proj) is torch.nn.Linear  # outlier activations: kept fp32
     batch = qproc([image_question()], [[random_image()]])
     with torch.no_grad():
