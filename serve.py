@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         print(f"error: --quantize: {e}", file=sys.stderr)
         return 2
     try:
-        model, processor = load_model(args.model, quantize=args.quantize)
+        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2

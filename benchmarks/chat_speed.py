@@ -107,10 +107,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    model, processor = load_model(args.model, quantize=args.quantize)
+    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     engine = Engine(model, processor)
-    baseline, _ = load_model(args.model, quantize="none")
-    plain_llm = baseline.llm.merge_and_unload() if hasattr(baseline.llm, "merge_and_unload") else baseline.llm
+    baseline, _ = load_model(args.model, quantize="none", merge_adapter=True)
+    plain_llm = baseline.llm  # what a transformers user runs: the LLM with the adapter folded in
     engine_decode_rate(engine, 8)  # warm-up
     ours, base, llama, first, t1, t5, t8 = [], [], [], [], [], [], []
     for _ in range(args.repeats):

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model, processor = load_model(args.model, quantize=args.quantize)
+    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     engine = Engine(model, processor)
     weights = getattr(model, "quantized", None) or "fp32"
     out = out / weights if weights != "fp32" else out  # answer files of each precision apart

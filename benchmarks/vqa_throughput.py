@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    model, processor = load_model(args.model, quantize=args.quantize)
+    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     engine = Engine(model, processor)
     items, root = builtin_dataset("easy-vqa:test")
     items = items[:args.items]

@@ -71,7 +71,7 @@ def run_command(args) -> int:
     from .runner import run_questions
 
     try:
-        model, processor = load_model(args.model, quantize=args.quantize)
+        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
