@@ -3,12 +3,13 @@
 #   data -> stage 0 CLIP -> stage 1 align (two projectors) -> stage 2 LoRA (short run each, the
 #   better projector by held-out accuracy continues) -> assistant/default_model/.
 #   bash scripts/train_default.sh            (RUNS=runs/default, MINUTES=55 or STEPS=N for the final stage)
-#   The shipped model: MINUTES=50 bash scripts/train_default.sh  (79 minutes in all on 2 CPU cores)
+#   An earlier shipped model came from MINUTES=50 (79 minutes in all on 2 CPU cores); the current one
+#   from scripts/train_default_gpu.sh (the same stages sized for one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/default}
 MINUTES=${MINUTES:-55}
-# STEPS=N bounds the final stage by steps instead, so its cosine schedule runs to zero (the shipped
+# STEPS=N bounds the final stage by steps instead, so its cosine schedule runs to zero (the CPU-trained
 # model stopped on MINUTES=50 at step 603 with the learning rate still near its peak).
 STEPS=${STEPS:-0}
 COMPARE_MINUTES=${COMPARE_MINUTES:-5}
