@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from .chat_format import ConversationError
 from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from .images import load_image
-from .shared_prefix import shared_prefix_groups
+from .shared_prefix import common_prefix_length, shared_prefix_groups
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Engine:
         config = (config or GenerationConfig()).validate()
         ids = self._fit_context(session, config)
         keys = self._position_keys(ids, session)
-        reuse = _common_prefix(keys, session.cached_keys)
+        reuse = common_prefix_length(keys, session.cached_keys)
         reuse = min(reuse, len(ids) - 1)  # at least one new position, for fresh logits
         if session.cache is None or reuse == 0:
             session.cache, reuse = DynamicCache(config=self.model.llm.config), 0
@@ -244,12 +244,3 @@ class Engine:
                 keys[i] = -session.image_ids[n // per]
                 n += 1
         return keys
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -20,7 +20,7 @@ def shared_prefix_groups(ids: list[list[int]], pixels: list[torch.Tensor | None]
     for row in range(len(ids)):
         for members, _ in groups:
             first = members[0]
-            if _same_images(pixels[first], pixels[row]) and _prefix_length(ids[first], ids[row]) > _image_end(
+            if _same_images(pixels[first], pixels[row]) and common_prefix_length(ids[first], ids[row]) > _image_end(
                     ids[first], image_token_id):
                 members.append(row)
                 break
@@ -30,7 +30,7 @@ def shared_prefix_groups(ids: list[list[int]], pixels: list[torch.Tensor | None]
     for members, _ in groups:
         common = min(len(ids[r]) for r in members) - 1
         for r in members[1:]:
-            common = min(common, _prefix_length(ids[members[0]], ids[r]))
+            common = min(common, common_prefix_length(ids[members[0]], ids[r]))
         out.append((members, common))
     return out
 
@@ -41,7 +41,8 @@ def _same_images(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def _prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
