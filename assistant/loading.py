@@ -3,7 +3,6 @@ llava-hf one), or a hub id (downloaded for users who have the hub; never needed 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from peft import PeftModel
@@ -11,7 +10,7 @@ from peft import PeftModel
 from .checkpoint import is_checkpoint, load_checkpoint
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
-from .quantization import AFTER_LOADING, BITSANDBYTES, quantize_weights, resolve_quantize
+from .quantization import AFTER_LOADING, BITSANDBYTES, int8_decode_copy, resolve_quantize
 
 
 class ModelSpecError(ValueError):
@@ -28,12 +27,8 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
         model.llm = model.llm.merge_and_unload()  # no LoRA matmuls per token
-    if mode in AFTER_LOADING:
-        # int8 for the token-by-token steps only; prompts (prefill) stay in full precision: with every
-        # step int8, easy-VQA lost 0.9 points (99.1% -> 98.3%), the prompt's activations suffering most
-        decode_llm = copy.deepcopy(model.llm)
-        decode_llm.set_input_embeddings(model.llm.get_input_embeddings())  # one embedding table
-        model.decode_llm = quantize_weights(decode_llm, mode)
+    if mode in AFTER_LOADING:  # int8 decode steps, fp32 prompts (quantization.py says why)
+        model.decode_llm = int8_decode_copy(model.llm)
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     return model, processor
 

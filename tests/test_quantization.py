@@ -61,6 +61,7 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     assert isinstance(mlp.gate_proj, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
     assert type(mlp.down_proj) is torch.nn.Linear  # outlier activations: kept fp32
     assert quant.decode_llm.get_input_embeddings() is quant.llm.get_input_embeddings()  # one table
+    assert mlp.down_proj is quant.llm.model.layers[0].mlp.down_proj  # shared, not copied
     batch = qproc([image_question()], [[random_image()]])
     with torch.no_grad():
         a, b = full(**batch).logits, quant(**batch).logits
