@@ -103,10 +103,7 @@ class Engine:
 
     # ---- images ------------------------------------------------------------------------------
     def encode_images(self, images) -> torch.Tensor:
-        pixel_values = self.processor.preprocess_images(images)
-        self.vision_calls += 1
-        with torch.inference_mode():
-            return self.model.encode_images(pixel_values)
+        return self._features([self.processor.preprocess_images(images)])
 
     # ---- batch questions -------------------------------------------------------------------
     def answer_batch(self, conversations, images, config: GenerationConfig | None = None) -> list[str]:
@@ -139,6 +136,7 @@ class Engine:
         return [s.text.rstrip("\ufffd").strip() for s in streams]
 
     def _features(self, pixel_list) -> torch.Tensor | None:
+        """One vision-tower call for already preprocessed images (a list of pixel tensors)."""
         if not pixel_list:
             return None
         self.vision_calls += 1

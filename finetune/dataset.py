@@ -1,8 +1,8 @@
 """Lazy training dataset and collation.
 
-Images are read when a sample is used (in DataLoader workers when data.num_workers > 0); a bad image
-found mid-training skips that sample (counted in the log), never crashes the run. Over-long samples lose whole trailing turns, never part of an
-image's positions.
+Images are read when a sample is used (in DataLoader workers when data.num_workers > 0); a bad
+image found mid-training skips that sample (counted in the log), never crashes the run. Over-long
+samples lose whole trailing turns, never part of an image's positions.
 """
 
 from __future__ import annotations
