@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from assistant.images import ImageError, load_image
@@ -25,6 +24,7 @@ from assistant.llm import resolve_llm_dir
 from .config import TrainConfig
 from .curves import plot_curves
 from .data import DataError, read_records, resolve_image
+from .schedule import TrainingClock, make_scheduler, out_of_time
 from .trainer import epoch_batches, make_accelerator, micro_batches, seed_everything
 
 
@@ -114,11 +114,12 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
     per_epoch = math.ceil(len(pairs) / (t.batch_size * accelerator.num_processes))
     total = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * t.warmup_ratio), total)
+    clock = TrainingClock()
+    scheduler = make_scheduler(optimizer, t, total, clock)
     model, optimizer = accelerator.prepare(model, optimizer)
     max_tokens = text["max_position_embeddings"]
     log_file = out / "train_log.jsonl"
-    started, step, micro = time.time(), 0, 0
+    step, micro = 0, 0
     progress = tqdm(total=total, disable=not accelerator.is_main_process, desc="clip", dynamic_ncols=True)
     model.train()
     dataset = CaptionPairs(pairs, tokenizer, images, max_tokens, end_id)
@@ -152,12 +153,12 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
                 n = len(out_.logits_per_image)
                 acc = (out_.logits_per_image.argmax(-1) == torch.arange(n, device=accelerator.device)).float().mean()
             entry = {"step": step, "loss": float(out_.loss.detach()), "in_batch_retrieval": float(acc),
-                     "elapsed_s": time.time() - started}
+                     "lr": scheduler.get_last_lr()[0], "elapsed_s": clock.seconds()}
             progress.set_postfix(loss=f"{entry['loss']:.3f}", r1=f"{entry['in_batch_retrieval']:.2f}")
             if accelerator.is_main_process:
                 with open(log_file, "a") as f:
                     f.write(json.dumps(entry) + "\n")
-        if t.max_minutes and (time.time() - started) / 60 >= t.max_minutes:
+        if out_of_time(t, clock):
             tqdm.write(f"stopping after {t.max_minutes} minutes at step {step}")
             break
     progress.close()

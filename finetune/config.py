@@ -58,7 +58,10 @@ class TrainSettings:
     log_every: int = 10
     keep_checkpoints: int = 2
     quantize: str | None = None  # "4bit" -> QLoRA
-    max_minutes: float = 0  # stop (and save) after this much wall time; 0: no limit
+    max_minutes: float = 0  # stop (and save) after this much training wall time, resumes included; 0: no limit
+    # "steps": warmup + cosine over max_steps (or the epochs); "minutes": over max_minutes of wall time,
+    # so a run bounded by a time budget still anneals to zero (finetune/schedule.py)
+    schedule: str = "steps"
     num_threads: int = 0  # torch threads on CPU; 0: leave torch's default
     mixed_precision: str = "auto"  # "auto" (bf16 on a CUDA GPU, fp32 on CPU) | "no" | "bf16" | "fp16"
 
@@ -88,6 +91,10 @@ class TrainConfig:
                 raise ValueError(f"config: {key} must be one of {allowed}, not {getattr(self, key)!r}")
         if not self.data.train:
             raise ValueError("config: data.train is required (or --data FILE)")
+        if self.train.schedule not in ("steps", "minutes"):
+            raise ValueError(f"config: train.schedule must be 'steps' or 'minutes', not {self.train.schedule!r}")
+        if self.train.schedule == "minutes" and not self.train.max_minutes:
+            raise ValueError("config: train.schedule: minutes needs train.max_minutes (the time to anneal over)")
         if self.train.quantize and self.llm == "full":
             raise ValueError("config: a quantized (QLoRA) LLM can only be trained with llm: lora")
         return self

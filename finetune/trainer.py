@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from assistant.checkpoint import load_checkpoint, save_checkpoint
 from assistant.devices import has_accelerator
@@ -23,6 +22,7 @@ from .curves import plot_curves
 from .data import load_samples
 from .dataset import Collator, InstructionDataset
 from .evaluate import evaluate
+from .schedule import TrainingClock, make_scheduler, out_of_time
 from .setup import parameter_groups, prepare_model
 from .state import (atomic_directory, latest_checkpoint, optimizer_from_files, optimizer_to_files, prune_checkpoints,
                     rng_from_files, rng_to_files)
@@ -134,10 +134,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     per_epoch = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
     total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=t.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * t.warmup_ratio), total_steps)
+    clock = TrainingClock()
+    scheduler = make_scheduler(optimizer, t, total_steps, clock)
     step, micro_step = 0, 0
     if checkpoint is not None:
-        step, micro_step = _restore(checkpoint, model, optimizer, scheduler, accelerator.process_index)
+        step, micro_step = _restore(checkpoint, model, optimizer, scheduler, accelerator.process_index, clock)
         log(f"resumed at step {step}/{total_steps} from {checkpoint}")
     elif is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -146,7 +147,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(processor)
     model.train()
-    started = time.time()
     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
     skipped = {"skipped_too_long": 0, "skipped_bad_image": 0, "turns_truncated": 0, "last_error": None}
     batch_iter, iter_epoch = None, None
@@ -193,13 +193,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             elapsed = time.time() - window_start
             entry = {"step": step, "loss": window_loss / max(window_n, 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
-                     "epoch": micro_step / per_epoch, "elapsed_s": time.time() - started,
+                     "epoch": micro_step / per_epoch, "elapsed_s": clock.seconds(),
                      **{k: v for k, v in skipped.items() if isinstance(v, int)}}
             record(entry)
             progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
-        out_of_time = t.max_minutes and (time.time() - started) / 60 >= t.max_minutes
-        if eval_set is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps or out_of_time):
+        stop = out_of_time(t, clock)
+        if eval_set is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps or stop):
             if is_main:
                 try:
                     metrics = evaluate(accelerator.unwrap_model(model), processor, eval_set)
@@ -211,9 +211,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             accelerator.wait_for_everyone()
             model.train()
-        if step % t.save_every == 0 or out_of_time:
-            _save(accelerator, model, processor, optimizer, scheduler, out, step, micro_step, cfg)
-        if out_of_time:
+        if step % t.save_every == 0 or stop:
+            _save(accelerator, model, processor, optimizer, scheduler, out, step, micro_step, cfg, clock)
+        if stop:
             log(f"stopping after {t.max_minutes} minutes (train.max_minutes) at step {step}")
             break
     progress.close()
@@ -230,7 +230,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-def _save(accelerator, model, processor, optimizer, scheduler, out: Path, step: int, micro_step: int, cfg) -> None:
+def _save(accelerator, model, processor, optimizer, scheduler, out: Path, step: int, micro_step: int, cfg,
+          clock: TrainingClock) -> None:
     """An atomic training checkpoint: model, optimizer, scheduler, RNG of every process, data position."""
     name = f"step-{step:07d}"
     tmp_rng = out / "checkpoints" / f".rng-{name}"
@@ -250,12 +251,13 @@ def _save(accelerator, model, processor, optimizer, scheduler, out: Path, step: 
                 rng_to_files(tmp, 0)
             (tmp / "trainer_state.json").write_text(json.dumps({
                 "step": step, "micro_step": micro_step, "scheduler": scheduler.state_dict(),
+                "train_seconds": clock.seconds(),
                 "num_processes": accelerator.num_processes}))
         prune_checkpoints(out, cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def _restore(checkpoint: Path, model, optimizer, scheduler, rank: int) -> tuple[int, int]:
+def _restore(checkpoint: Path, model, optimizer, scheduler, rank: int, clock: TrainingClock) -> tuple[int, int]:
     saved, _ = load_checkpoint(checkpoint / "model")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {k: v for k, v in saved.state_dict().items()}
@@ -266,5 +268,6 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, rank: int) -> tuple[
     optimizer_from_files(optimizer, checkpoint)
     meta = json.loads((checkpoint / "trainer_state.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
+    clock.resume_at(meta.get("train_seconds", 0.0))
     rng_from_files(checkpoint, rank)
     return meta["step"], meta["micro_step"]

@@ -18,22 +18,29 @@ EXTRA=${EXTRA:-}  # e.g. EXTRA="train.max_steps=2" for a dry run of the whole re
 STAGE0_EXTRA=${STAGE0_EXTRA:-} STAGE1_EXTRA=${STAGE1_EXTRA:-} STAGE2_EXTRA=${STAGE2_EXTRA:-}
 # The projectors to compare; with one, the comparison runs are skipped and the recorded one is kept.
 PROJECTORS=${PROJECTORS:-mlp2x_gelu qformer}
+# Which stages to run, e.g. STAGES="data clip" then STAGES="align instruct export" (a machine lent in short
+# sessions); each stage reads the previous one's output under $RUNS.
+STAGES=${STAGES:-data clip align instruct export}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 # glibc malloc's defaults made this VM spend its time in page faults (see shared/DESIGN.md).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
 
+if want data; then
 python -m finetune.scenes --out data/scenes --train ${SCENES:-4000} --test 300 --workers ${WORKERS:-2}
 mkdir -p data/easyvqa
 python -m finetune.easyvqa --out data/easyvqa/train.jsonl --captions data/easyvqa/train_captions.jsonl \
   --align data/easyvqa/train_align.jsonl
+fi
 
-python -m finetune --config configs/train/default_clip.yaml train.output_dir=$RUNS/clip $STAGE0_EXTRA $EXTRA
+want clip && python -m finetune --config configs/train/default_clip.yaml train.output_dir=$RUNS/clip $STAGE0_EXTRA $EXTRA
 
-for proj in $PROJECTORS; do
+want align && for proj in $PROJECTORS; do
   extra=()
   [ $proj = qformer ] && extra=("model_config.projector.num_queries=16")
   python -m finetune --config configs/train/default_align.yaml train.output_dir=$RUNS/align-$proj \
     model_config.vision.pretrained=$RUNS/clip model_config.projector.type=$proj "${extra[@]}" $STAGE1_EXTRA $EXTRA
 done
+want instruct || { echo "stages run: $STAGES"; exit 0; }
 if [ "$(echo $PROJECTORS | wc -w)" = 1 ]; then
   best=$PROJECTORS
   start=$RUNS/align-$best
@@ -63,6 +70,8 @@ fi
 python -m finetune --config configs/train/default_instruct.yaml init=$start \
   train.output_dir=$RUNS/instruct train.max_minutes=$([ "$STEPS" -gt 0 ] && echo 0 || echo $MINUTES) \
   train.max_steps=$STEPS $STAGE2_EXTRA $EXTRA
+
+want export || exit 0
 
 target=${TARGET:-assistant/default_model}
 rm -rf $target && mkdir -p $target

@@ -235,6 +235,18 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_llm_dir, tmp_path, scen
     assert worst <= 1e-6, worst
 
 
+def test_a_run_bounded_by_minutes_anneals_to_zero(tiny_llm_dir, tmp_path, scenes):
+    recipe = tiny_recipe(tmp_path, tiny_llm_dir, scenes, max_steps=0, epochs=1000, max_minutes=0.15,
+                         schedule="minutes", save_every=10**6, eval_every=0)
+    run_finetune("--config", recipe)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in log if "lr" in e]
+    assert len(lrs) > 3 and max(lrs) > 0.5e-3  # it warmed up to about the peak of 1e-3 ...
+    assert lrs[-1] < 0.1e-3  # ... and annealed by the time the budget ran out
+    state = json.loads(next((tmp_path / "out" / "checkpoints").glob("step-*/trainer_state.json")).read_text())
+    assert state["train_seconds"] >= 0.15 * 60
+
+
 def test_dataloader_workers_train_exactly_like_the_main_process(tiny_llm_dir, tmp_path, scenes):
     outs = []
     for workers in (0, 2):
