@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/default}
 MINUTES=${MINUTES:-55}
-# STEPS=N bounds the final stage by steps instead, so its cosine schedule runs to zero (the CPU-trained
-# model stopped on MINUTES=50 at step 603 with the learning rate still near its peak).
+# The final stage runs MINUTES with its learning rate warming up and annealing over exactly that time
+# (train.schedule: minutes; the CPU-trained model of an earlier version stopped on MINUTES=50 at step 603
+# with the learning rate still near its peak). STEPS=N bounds it by steps instead.
 STEPS=${STEPS:-0}
 COMPARE_MINUTES=${COMPARE_MINUTES:-5}
 EXTRA=${EXTRA:-}  # e.g. EXTRA="train.max_steps=2" for a dry run of the whole recipe
@@ -48,7 +49,7 @@ if [ "$(echo $PROJECTORS | wc -w)" = 1 ]; then
 else
 for proj in $PROJECTORS; do
   python -m finetune --config configs/train/default_instruct.yaml init=$RUNS/align-$proj \
-    train.output_dir=$RUNS/compare-$proj train.max_minutes=$COMPARE_MINUTES train.eval_every=100000 \
+    train.output_dir=$RUNS/compare-$proj train.max_minutes=$COMPARE_MINUTES train.schedule=minutes train.eval_every=100000 \
     $STAGE2_EXTRA $EXTRA
 done
 best=$(python - "$RUNS" <<'PY'
@@ -68,7 +69,8 @@ echo "projector comparison: $(cat $RUNS/projector_comparison.json); continuing w
 start=$RUNS/compare-$best
 fi
 python -m finetune --config configs/train/default_instruct.yaml init=$start \
-  train.output_dir=$RUNS/instruct train.max_minutes=$([ "$STEPS" -gt 0 ] && echo 0 || echo $MINUTES) \
+  train.output_dir=$RUNS/instruct \
+  $([ "$STEPS" -gt 0 ] && echo train.max_minutes=0 || echo train.max_minutes=$MINUTES train.schedule=minutes) \
   train.max_steps=$STEPS $STAGE2_EXTRA $EXTRA
 
 want export || exit 0
