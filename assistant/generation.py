@@ -96,10 +96,6 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     `should_stop()` turns true. The cache is extended in place.
     """
     llm = model.llm
-    # --quantize int8 keeps a second, int8 copy of the LLM for the one-token steps (bound by reading
-    # weights); the prompt goes through the full-precision one (compute-bound, and the first answer
-    # token, often the whole VQA answer, comes from it).
-    step_llm = getattr(model, "decode_llm", None) or llm
     device = inputs_embeds.device
     batch = inputs_embeds.shape[0]
     cache = cache if cache is not None else DynamicCache(config=llm.config)
@@ -136,8 +132,8 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
             return
         full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-        out = step_llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
-                       use_cache=True, **{cache_kw: cache})
+        out = llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
+              use_cache=True, **{cache_kw: cache})
 
 
 class TextStream:

@@ -10,7 +10,7 @@ from peft import PeftModel
 from .checkpoint import is_checkpoint, load_checkpoint
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
-from .quantization import AFTER_LOADING, BITSANDBYTES, int8_decode_copy, resolve_quantize
+from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, resolve_quantize
 
 
 class ModelSpecError(ValueError):
@@ -20,15 +20,15 @@ class ModelSpecError(ValueError):
 def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None, merge_adapter: bool = False):
     """Resolve a model spec and load it -> (model, processor).
 
-    `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (torch.ao
-    dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
+    `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
+    torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
     adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
         model.llm = model.llm.merge_and_unload()  # no LoRA matmuls per token
-    if mode in AFTER_LOADING:  # int8 decode steps, fp32 prompts (quantization.py says why)
-        model.decode_llm = int8_decode_copy(model.llm)
+    if mode in AFTER_LOADING:  # smoothed int8 linear layers (quantization.py says how and what it costs)
+        model = calibrate_and_quantize_int8(model, processor)
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     return model, processor
 

@@ -1,15 +1,20 @@
 """Chat speed on this machine, one JSON line: decode tokens/s of our engine (as `serve.py` runs it:
 --quantize auto) against plain transformers `generate` in fp32 on the same model (adapter merged),
-and against llama.cpp on the same SmolLM2 GGUF when llama-cpp-python is installed (the row is
-skipped otherwise); time to first token for a new image + question, and at turn 8 against turn 1
-of one conversation. Medians of several runs, measured side by side.
+and against llama.cpp on the same SmolLM2 GGUF when its llama-bench (scripts/build_llama_bench.sh) or
+llama-cpp-python is installed (the row is skipped otherwise); how often the engine's weights pick
+fp32's next token along fp32's greedy answers (teacher-forced; 1.0 for fp32); time to first token
+for a new image + question, and at turn 8 against turn 1 of one conversation. Medians of several
+runs, measured side by side.
 
-    python benchmarks/chat_speed.py [--model default] [--quantize auto] [--repeats 3] [--new-tokens 64]"""
+    python benchmarks/chat_speed.py [--model default] [--quantize auto] [--repeats 3] [--new-tokens 64]
+                                    [--llama-bench PATH]"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -70,14 +75,36 @@ print(rest / (time.perf_counter() - t))
 """
 
 
-def llama_cpp_rate(processor, n_tokens) -> float | str:
-    """llama.cpp (llama-cpp-python) on the GGUF our builtin SmolLM2 comes from, same threads, greedy.
-    In a child process: a llama.cpp build that crashes (one built here segfaulted) costs this row only."""
+def llama_bench_rate(binary: str, processor, n_tokens) -> float | str:
+    """llama.cpp's own llama-bench on the GGUF our builtin SmolLM2 comes from: `n_tokens` decode steps after
+    as many context tokens as our prompt has, same threads. The context is filled one token per batch
+    (-b 1 -ub 1): on this machine the batched prompt kernels of a -march=native build stop with an illegal
+    instruction, while decoding, the measured part, is unaffected."""
+    import subprocess
+
+    from assistant.llm import builtin_gguf_path
+
+    depth = len(processor.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                                        return_dict=True)["input_ids"])
+    cmd = [binary, "-m", str(builtin_gguf_path("smollm2-135m-instruct")), "-t", str(torch.get_num_threads()),
+           "-p", "0", "-n", str(n_tokens), "-d", str(depth), "-b", "1", "-ub", "1", "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return f"failed: llama-bench exited with {proc.returncode} ({proc.stderr.strip()[-200:]})"
+    return float(json.loads(proc.stdout)[0]["avg_ts"])
+
+
+def llama_cpp_rate(processor, n_tokens, llama_bench: str | None = None) -> float | str:
+    """llama.cpp on the GGUF our builtin SmolLM2 comes from, same threads, greedy: its llama-bench binary
+    when given (--llama-bench, $LLAMA_BENCH or on PATH; scripts/build_llama_bench.sh builds one), else
+    llama-cpp-python in a child process (a build that crashes, as one built here did, costs this row only)."""
     import importlib.util
     import subprocess
 
+    if llama_bench:
+        return llama_bench_rate(llama_bench, processor, n_tokens)
     if importlib.util.find_spec("llama_cpp") is None:
-        return "skipped: llama-cpp-python is not installed"
+        return "skipped: neither llama-bench nor llama-cpp-python is installed"
     from assistant.llm import builtin_gguf_path
 
     prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
@@ -88,6 +115,33 @@ def llama_cpp_rate(processor, n_tokens) -> float | str:
     if proc.returncode != 0:
         return f"failed: llama-cpp-python exited with {proc.returncode} ({proc.stderr.strip()[-200:]})"
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+FIDELITY_PROMPTS = ["What is the capital of Italy?", "Give me two tips for staying focused while studying.",
+                    "Write one sentence about the ocean.", "Why do people exercise?", "List five colours.",
+                    "Write a short story about a cat in three sentences.", "What are the days of the week?",
+                    "Explain in one sentence what a library is."]
+
+
+@torch.inference_mode()
+def token_agreement(fast_llm, fp32_llm, processor, n_tokens) -> float:
+    """How often the fast path picks fp32's next token along fp32's own greedy answers (teacher-forced:
+    the prompt prefilled, then one token per step, as in a chat), over FIDELITY_PROMPTS."""
+    from transformers import DynamicCache
+
+    agree = total = 0
+    for prompt in FIDELITY_PROMPTS:
+        ids = processor.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                      return_tensors="pt", return_dict=True)["input_ids"]
+        answer = fp32_llm.generate(ids, max_new_tokens=n_tokens, do_sample=False)[0, ids.shape[1]:]
+        cache = DynamicCache(config=fast_llm.config)
+        logits = fast_llm(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        for k, token in enumerate(answer.tolist()):
+            agree += int(logits.argmax().item() == token)
+            total += 1
+            if k + 1 < len(answer):
+                logits = fast_llm(input_ids=answer[None, k:k + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+    return agree / total
 
 
 def ttft(engine, session) -> float:
@@ -118,6 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--quantize", default="auto", help="our engine's weights, as serve.py takes it")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"),
+                   help="llama.cpp's llama-bench binary for the llama.cpp row (default: $LLAMA_BENCH, then PATH)")
     args = p.parse_args(argv)
     model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
     engine = Engine(model, processor)
@@ -128,7 +184,7 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):
         ours.append(engine_decode_rate(engine, args.new_tokens))
         base.append(plain_generate_rate(plain_llm, processor, args.new_tokens))
-        llama.append(llama_cpp_rate(processor, args.new_tokens))
+        llama.append(llama_cpp_rate(processor, args.new_tokens, args.llama_bench))
         s = ChatSession()
         s.add_user_message("What color is the diamond?", [EXAMPLES / "scene1.png"])
         first.append(ttft(engine, s))
@@ -136,6 +192,7 @@ def main(argv=None) -> None:
         t1.append(times[0])
         t5.append(times[4])
         t8.append(times[7])
+    agreement = token_agreement(model.llm, plain_llm, processor, args.new_tokens)
     med = statistics.median
     print(json.dumps({
         "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
@@ -144,6 +201,8 @@ def main(argv=None) -> None:
         "decode_ratio_vs_generate": round(med(ours) / med(base), 2),
         **({"llama_cpp_tokens_per_s": round(med(llama), 2), "decode_ratio_vs_llama_cpp": round(med(ours) / med(llama), 2)}
            if all(isinstance(x, float) for x in llama) else {"llama_cpp": next(x for x in llama if isinstance(x, str))}),
+        "llama_cpp_via": "llama-bench" if args.llama_bench else "llama-cpp-python",
+        "token_agreement_with_fp32": round(agreement, 4),
         "ttft_new_image_s": round(med(first), 3), "ttft_turn1_s": round(med(t1), 3), "ttft_turn5_s": round(med(t5), 3),
         "ttft_turn8_s": round(med(t8), 3),
         "ttft_turn8_over_turn1": round(med(t8) / med(t1), 2),

@@ -56,20 +56,20 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     full, _ = load_model(str(tmp_path / "ckpt"), quantize="none")
     quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8")
     assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
-    # prompts go through the full-precision LLM, token-by-token steps through its int8 copy
-    mlp = quant.decode_llm.model.layers[0].mlp
-    assert isinstance(mlp.gate_proj, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
-    assert type(mlp.down_proj) is torch.nn.Linear  # outlier activations: kept fp32
-    assert quant.decode_llm.get_input_embeddings() is quant.llm.get_input_embeddings()  # one table
-    assert mlp.down_proj is quant.llm.model.layers[0].mlp.down_proj  # shared, not copied
+    from assistant.quantization import SmoothedInt8Linear
+
+    layer = quant.llm.model.layers[0]
+    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+        assert isinstance(linear, SmoothedInt8Linear)  # calibrated at load time
+        assert isinstance(linear.linear, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
+        assert linear.inverse_factors.min() > 0
+    assert type(layer.mlp.down_proj) is torch.nn.Linear  # outlier activations: kept fp32
+    assert isinstance(quant.llm.get_output_embeddings(), torch.ao.nn.quantized.dynamic.Linear)
     batch = qproc([image_question()], [[random_image()]])
     with torch.no_grad():
         a, b = full(**batch).logits, quant(**batch).logits
-        ids = batch["input_ids"][:, :5]
-        c, d = quant.llm(input_ids=ids).logits, quant.decode_llm(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-5)  # the prompt: full precision (the adapter merged)
     # int8 weights and 7-bit dynamic activations on a 64-wide random model: a few % off
-    assert torch.nn.functional.cosine_similarity(c.flatten(), d.flatten(), dim=0) > 0.98
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
     answer = Engine(quant, qproc).answer_batch([image_question()], [[random_image()]],
                                                GenerationConfig(max_new_tokens=3))
     assert isinstance(answer[0], str)
