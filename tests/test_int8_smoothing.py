@@ -1,9 +1,10 @@
-"""SmoothQuant factors in the int8 path: exact in real arithmetic, and they rescue a layer whose input
-has an outlier channel."""
+"""The CPU int8 path's layers: SmoothQuant factors rescue a layer whose input has an outlier channel;
+the layers kept out of int8 run prompt rows in bf16 (close) and decode rows in fp32 (exact)."""
 
 import torch
 
-from assistant.quantization import SmoothedInt8Linear, _dynamic_int8, linear_input_ranges
+from assistant.quantization import (Bf16PromptLinear, SmoothedInt8Linear, _dynamic_int8, bf16_matmul_is_fast,
+                                    linear_input_ranges)
 
 
 def test_smoothing_with_outlier_channels_beats_plain_dynamic_int8():
@@ -25,3 +26,16 @@ def test_smoothing_with_outlier_channels_beats_plain_dynamic_int8():
 
     assert error(smoothed) < 0.5 * error(plain), (error(smoothed), error(plain))
     assert error(smoothed) < 0.03
+
+
+def test_bf16_prompt_rows_stay_close_and_decode_rows_stay_exact():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48)
+    layer = Bf16PromptLinear(linear)
+    one_row, prompt = torch.randn(1, 1, 96), torch.randn(1, 40, 96)
+    with torch.no_grad():
+        assert torch.equal(layer(one_row), linear(one_row))  # decode steps: the fp32 layer itself
+        out = layer(prompt)
+        assert out.dtype == torch.float32
+        assert ((out - linear(prompt)).norm() / linear(prompt).norm()).item() < 0.01  # bf16: ~3 digits
+    assert isinstance(bf16_matmul_is_fast(), bool)
