@@ -11,8 +11,8 @@
   come from a short fp32 calibration run at load time (a few drawn images and text prompts, about
   5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8:
   fp32, or for prompts bf16 where the CPU has fast bf16 matrix units (checked at load).
-  Measured on the default model (README): easy-VQA 0.1 points below fp32, 99.02% vs 99.12% (plain
-  dynamic int8 prompts: 0.7-0.9 below); batch VQA about 1.5x faster. "auto" picks it on a CPU, "none" keeps fp32.
+  Measured on the default model (README): easy-VQA 99.05% against fp32's 99.12% (plain dynamic int8
+  prompts: 0.7-0.9 points below); batch VQA about 1.9x faster. "auto" picks it on a CPU, "none" keeps fp32.
   torchao's int8 paths were measured too and were slower on this CPU (they dequantise the weight at
   every call).
 """
