@@ -9,10 +9,11 @@
   weights (SmoothQuant, Xiao et al. 2023): a few activation channels are 10-100x larger than the rest,
   and the factors move part of that range into the weights, which int8 holds more easily. The factors
   come from a short fp32 calibration run at load time (a few drawn images and text prompts, about
-  5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8:
-  fp32, or for prompts bf16 where the CPU has fast bf16 matrix units (checked at load).
-  Measured on the default model (README): easy-VQA 99.05% against fp32's 99.12% (plain dynamic int8
-  prompts: 0.7-0.9 points below); batch VQA about 1.9x faster. "auto" picks it on a CPU, "none" keeps fp32.
+  5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8.
+  Where the CPU has fast bf16 matrix units (checked at load), prompt rows run in bf16 instead: from 16
+  rows in the MLP output projections, from 128 rows elsewhere (below that int8 is as fast).
+  Measured on the default model (README): easy-VQA 99.11% against fp32's 99.12% (plain dynamic int8
+  prompts: 0.7-0.9 points below); batch VQA about 2x faster. "auto" picks it on a CPU, "none" keeps fp32.
   torchao's int8 paths were measured too and were slower on this CPU (they dequantise the weight at
   every call).
 """
@@ -49,9 +50,11 @@ SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength (0: all range stays in
 
 class SmoothedInt8Linear(torch.nn.Module):
     """`linear(x)` as int8(W * s) @ (x / s): SmoothQuant's per-input-channel factors s, then torch.ao's
-    dynamic int8 linear (per-channel weight scales, fbgemm)."""
+    dynamic int8 linear (per-channel weight scales, fbgemm). With `bf16_min_rows`, inputs of that many
+    rows or more (batched prompts) run in bf16 instead, which beats int8 there on a CPU with fast bf16."""
 
-    def __init__(self, linear: torch.nn.Linear, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA):
+    def __init__(self, linear: torch.nn.Linear, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA,
+                 bf16_min_rows: int | None = None):
         super().__init__()
         weight = linear.weight.detach()
         factors = (input_absmax.clamp(min=1e-5) ** alpha) / (weight.abs().amax(0).clamp(min=1e-5) ** (1 - alpha))
@@ -61,8 +64,15 @@ class SmoothedInt8Linear(torch.nn.Module):
             scaled.bias.data = linear.bias.detach().clone()
         self.register_buffer("inverse_factors", (1.0 / factors).to(weight.dtype))
         self.linear = _dynamic_int8(scaled)
+        self.bf16_min_rows = bf16_min_rows
+        if bf16_min_rows:  # the unsmoothed weights: bf16 keeps the outliers' range by itself
+            self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
+            bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+            self.register_buffer("bias_bf16", bias, persistent=False)
 
     def forward(self, x):
+        if self.bf16_min_rows and x.numel() // x.shape[-1] >= self.bf16_min_rows:
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
         return self.linear(x * self.inverse_factors)
 
 
@@ -74,22 +84,22 @@ def _dynamic_int8(linear: torch.nn.Linear):
 
 
 class Bf16PromptLinear(torch.nn.Module):
-    """A linear layer kept out of int8 (the MLP output projections) that computes prompts, many rows at
-    once, in bf16 where this CPU multiplies bf16 matrices fast (AMX / AVX-512 BF16 through oneDNN: 3x
-    fp32 at 16+ rows here), and single decode rows in fp32, which is faster for them. Output stays fp32."""
+    """A linear layer that computes inputs of `min_rows` rows or more (prompts, many tokens at once) in
+    bf16, where this CPU multiplies bf16 matrices fast (AMX / AVX-512 BF16 through oneDNN: 3x fp32 at 16+
+    rows here), and fewer rows (decode steps) through `linear` itself, fp32. Output stays fp32."""
 
-    MIN_ROWS = 16
-
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, min_rows: int = 16):
         super().__init__()
         self.linear = linear
+        self.min_rows = min_rows
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias_bf16", bias, persistent=False)
 
     def forward(self, x):
-        if x.numel() // x.shape[-1] < self.MIN_ROWS:
+        if x.numel() // x.shape[-1] < self.min_rows:
             return self.linear(x)
-        bias = None if self.linear.bias is None else self.linear.bias.to(torch.bfloat16)
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, bias).to(x.dtype)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
 
 
 def bf16_matmul_is_fast(size: int = 768, rows: int = 64) -> bool:
@@ -143,7 +153,8 @@ def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
                 continue
             replacement = Bf16PromptLinear(module)
         elif name in input_ranges and module is not llm.get_output_embeddings():
-            replacement = SmoothedInt8Linear(module, input_ranges[name])
+            # bf16 only from 128 rows: below that fbgemm's int8 is as fast (measured, 576-wide layers)
+            replacement = SmoothedInt8Linear(module, input_ranges[name], bf16_min_rows=128 if bf16_prompts else None)
         else:
             replacement = _dynamic_int8(module)
         parent, _, child = name.rpartition(".")

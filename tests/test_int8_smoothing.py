@@ -39,3 +39,18 @@ def test_bf16_prompt_rows_stay_close_and_decode_rows_stay_exact():
         assert out.dtype == torch.float32
         assert ((out - linear(prompt)).norm() / linear(prompt).norm()).item() < 0.01  # bf16: ~3 digits
     assert isinstance(bf16_matmul_is_fast(), bool)
+
+
+def test_smoothed_layer_runs_long_inputs_in_bf16_and_short_ones_in_int8():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x_short, x_long = torch.randn(3, 64), torch.randn(200, 64)
+    ranges = linear_input_ranges(torch.nn.Sequential(linear), lambda: linear(torch.cat([x_short, x_long])))
+    with torch.no_grad():
+        both = SmoothedInt8Linear(linear, ranges["0"], bf16_min_rows=128)
+        int8_only = SmoothedInt8Linear(linear, ranges["0"])
+        assert torch.equal(both(x_short), int8_only(x_short))  # few rows: the int8 path
+        reference = linear(x_long)
+        bf16 = both(x_long)
+        assert not torch.equal(bf16, int8_only(x_long))  # many rows: the bf16 path
+        assert ((bf16 - reference).norm() / reference.norm()).item() < 0.01
