@@ -50,11 +50,9 @@ SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength (0: all range stays in
 
 class SmoothedInt8Linear(torch.nn.Module):
     """`linear(x)` as int8(W * s) @ (x / s): SmoothQuant's per-input-channel factors s, then torch.ao's
-    dynamic int8 linear (per-channel weight scales, fbgemm). With `bf16_min_rows`, inputs of that many
-    rows or more (batched prompts) run in bf16 instead, which beats int8 there on a CPU with fast bf16."""
+    dynamic int8 linear (per-channel weight scales, fbgemm)."""
 
-    def __init__(self, linear: torch.nn.Linear, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA,
-                 bf16_min_rows: int | None = None):
+    def __init__(self, linear: torch.nn.Linear, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA):
         super().__init__()
         weight = linear.weight.detach()
         factors = (input_absmax.clamp(min=1e-5) ** alpha) / (weight.abs().amax(0).clamp(min=1e-5) ** (1 - alpha))
@@ -64,15 +62,8 @@ class SmoothedInt8Linear(torch.nn.Module):
             scaled.bias.data = linear.bias.detach().clone()
         self.register_buffer("inverse_factors", (1.0 / factors).to(weight.dtype))
         self.linear = _dynamic_int8(scaled)
-        self.bf16_min_rows = bf16_min_rows
-        if bf16_min_rows:  # the unsmoothed weights: bf16 keeps the outliers' range by itself
-            self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
-            bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-            self.register_buffer("bias_bf16", bias, persistent=False)
 
     def forward(self, x):
-        if self.bf16_min_rows and x.numel() // x.shape[-1] >= self.bf16_min_rows:
-            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
         return self.linear(x * self.inverse_factors)
 
 
@@ -84,13 +75,14 @@ def _dynamic_int8(linear: torch.nn.Linear):
 
 
 class Bf16PromptLinear(torch.nn.Module):
-    """A linear layer that computes inputs of `min_rows` rows or more (prompts, many tokens at once) in
-    bf16, where this CPU multiplies bf16 matrices fast (AMX / AVX-512 BF16 through oneDNN: 3x fp32 at 16+
-    rows here), and fewer rows (decode steps) through `linear` itself, fp32. Output stays fp32."""
+    """Inputs of `min_rows` rows or more (prompts: many tokens at once) through a bf16 copy of `linear`,
+    for a CPU that multiplies bf16 matrices fast (AMX / AVX-512 BF16 through oneDNN: 3x fp32 at 16+ rows
+    here); fewer rows (decode steps) through `few_rows`: the fp32 layer itself or its int8 version.
+    Output stays fp32."""
 
-    def __init__(self, linear: torch.nn.Linear, min_rows: int = 16):
+    def __init__(self, linear: torch.nn.Linear, few_rows: torch.nn.Module, min_rows: int):
         super().__init__()
-        self.linear = linear
+        self.few_rows = few_rows
         self.min_rows = min_rows
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
@@ -98,7 +90,7 @@ class Bf16PromptLinear(torch.nn.Module):
 
     def forward(self, x):
         if x.numel() // x.shape[-1] < self.min_rows:
-            return self.linear(x)
+            return self.few_rows(x)
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
 
 
@@ -141,20 +133,20 @@ def linear_input_ranges(llm, run_calibration) -> dict[str, torch.Tensor]:
 
 def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
     """Replace the CPU LLM's linear layers, in place, by int8 ones: smoothed where calibration saw their
-    inputs, plain dynamic int8 otherwise (the LM head: its input is normalised). MLP output projections
-    stay fp32, their prompt rows in bf16 where this CPU multiplies bf16 fast (Bf16PromptLinear).
+    inputs, plain dynamic int8 otherwise (the LM head: its input is normalised); MLP output projections stay
+    fp32. Where this CPU multiplies bf16 fast, prompt rows of both go through bf16 (Bf16PromptLinear).
     Returns the LLM."""
     if next(llm.parameters()).device.type != "cpu":
         raise ValueError("--quantize int8 runs on the CPU; on a GPU use 4bit or 8bit (bitsandbytes) or none")
     bf16_prompts = bf16_matmul_is_fast()
     for name, module in [(n, m) for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear)]:
         if name.rsplit(".", 1)[-1] in KEEP_FP32:
-            if not bf16_prompts:
-                continue
-            replacement = Bf16PromptLinear(module)
+            # bf16 beats fp32 3x from 16 rows
+            replacement = Bf16PromptLinear(module, module, min_rows=16) if bf16_prompts else module
         elif name in input_ranges and module is not llm.get_output_embeddings():
-            # bf16 only from 128 rows: below that fbgemm's int8 is as fast (measured, 576-wide layers)
-            replacement = SmoothedInt8Linear(module, input_ranges[name], bf16_min_rows=128 if bf16_prompts else None)
+            replacement = SmoothedInt8Linear(module, input_ranges[name])
+            if bf16_prompts:  # against int8, bf16 wins from about 128 rows (measured, 576-wide layers)
+                replacement = Bf16PromptLinear(module, replacement, min_rows=128)
         else:
             replacement = _dynamic_int8(module)
         parent, _, child = name.rpartition(".")

@@ -1,5 +1,5 @@
 """The CPU int8 path's layers: SmoothQuant factors rescue a layer whose input has an outlier channel;
-the layers kept out of int8 run prompt rows in bf16 (close) and decode rows in fp32 (exact)."""
+prompt rows can go through bf16 (close to fp32) while decode rows keep their fp32 or int8 path."""
 
 import torch
 
@@ -28,29 +28,17 @@ def test_smoothing_with_outlier_channels_beats_plain_dynamic_int8():
     assert error(smoothed) < 0.03
 
 
-def test_bf16_prompt_rows_stay_close_and_decode_rows_stay_exact():
+def test_bf16_prompt_rows_stay_close_and_few_rows_take_the_other_path():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48)
-    layer = Bf16PromptLinear(linear)
-    one_row, prompt = torch.randn(1, 1, 96), torch.randn(1, 40, 96)
+    x_short, x_long = torch.randn(1, 3, 96), torch.randn(1, 200, 96)
+    ranges = linear_input_ranges(torch.nn.Sequential(linear), lambda: linear(torch.cat([x_short, x_long], 1)))
+    int8 = SmoothedInt8Linear(linear, ranges["0"])
     with torch.no_grad():
-        assert torch.equal(layer(one_row), linear(one_row))  # decode steps: the fp32 layer itself
-        out = layer(prompt)
-        assert out.dtype == torch.float32
-        assert ((out - linear(prompt)).norm() / linear(prompt).norm()).item() < 0.01  # bf16: ~3 digits
+        for few_rows in (linear, int8):  # the fp32 layer itself (decode steps exact) or its int8 version
+            layer = Bf16PromptLinear(linear, few_rows, min_rows=128)
+            assert torch.equal(layer(x_short), few_rows(x_short))
+            out, reference = layer(x_long), linear(x_long)
+            assert out.dtype == torch.float32 and not torch.equal(out, few_rows(x_long))
+            assert ((out - reference).norm() / reference.norm()).item() < 0.01  # bf16: ~3 digits
     assert isinstance(bf16_matmul_is_fast(), bool)
-
-
-def test_smoothed_layer_runs_long_inputs_in_bf16_and_short_ones_in_int8():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 32)
-    x_short, x_long = torch.randn(3, 64), torch.randn(200, 64)
-    ranges = linear_input_ranges(torch.nn.Sequential(linear), lambda: linear(torch.cat([x_short, x_long])))
-    with torch.no_grad():
-        both = SmoothedInt8Linear(linear, ranges["0"], bf16_min_rows=128)
-        int8_only = SmoothedInt8Linear(linear, ranges["0"])
-        assert torch.equal(both(x_short), int8_only(x_short))  # few rows: the int8 path
-        reference = linear(x_long)
-        bf16 = both(x_long)
-        assert not torch.equal(bf16, int8_only(x_long))  # many rows: the bf16 path
-        assert ((bf16 - reference).norm() / reference.norm()).item() < 0.01

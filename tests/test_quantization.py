@@ -60,11 +60,12 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
 
     layer = quant.llm.model.layers[0]
     for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+        linear = getattr(linear, "few_rows", linear)  # on a CPU with fast bf16, prompts bypass int8
         assert isinstance(linear, SmoothedInt8Linear)  # calibrated at load time
         assert isinstance(linear.linear, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
         assert linear.inverse_factors.min() > 0
     down = layer.mlp.down_proj  # outlier activations: kept out of int8 (prompt rows bf16 where that is fast)
-    assert type(down) is torch.nn.Linear or type(down.linear) is torch.nn.Linear
+    assert type(getattr(down, "few_rows", down)) is torch.nn.Linear
     assert isinstance(quant.llm.get_output_embeddings(), torch.ao.nn.quantized.dynamic.Linear)
     batch = qproc([image_question()], [[random_image()]])
     with torch.no_grad():
