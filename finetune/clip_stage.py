@@ -143,7 +143,7 @@ def train_clip(cfg: TrainConfig, resume: bool = False) -> Path:
             accelerator.backward(out_.loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or 1.0)
-                optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+                optimizer.step(), clock.tick(accelerator), scheduler.step(), optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
         step += 1

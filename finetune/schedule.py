@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 
+import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_cosine_schedule_with_warmup
 
@@ -17,16 +18,29 @@ SCHEDULES = ("steps", "minutes")
 
 
 class TrainingClock:
-    """Wall time spent training, carried across resumes (checkpoints store `seconds()`)."""
+    """Wall time spent training, carried across resumes (checkpoints store `seconds()`). `tick()` reads it
+    once per optimizer step; with several processes the main one's reading is broadcast, so every
+    process anneals and stops at the same step (their own clocks differ by milliseconds)."""
 
     def __init__(self, already: float = 0.0):
         self.started = time.time() - already
+        self.value = already
 
     def seconds(self) -> float:
         return time.time() - self.started
 
     def resume_at(self, seconds: float) -> None:
         self.started = time.time() - seconds
+        self.value = seconds
+
+    def tick(self, accelerator=None) -> float:
+        value = self.seconds()
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            value = float(broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device))[0])
+        self.value = value
+        return value
 
 
 def warmup_cosine(progress: float, warmup: float) -> float:
@@ -42,9 +56,10 @@ def make_scheduler(optimizer, t, total_steps: int, clock: TrainingClock):
     if t.schedule == "minutes":
         budget = t.max_minutes * 60
         # A plain closure (not a callable object) keeps the scheduler's state_dict JSON-serialisable.
-        return LambdaLR(optimizer, lambda _step: warmup_cosine(clock.seconds() / budget, t.warmup_ratio))
+        return LambdaLR(optimizer, lambda _step: warmup_cosine(clock.value / budget, t.warmup_ratio))
     return get_cosine_schedule_with_warmup(optimizer, int(total_steps * t.warmup_ratio), total_steps)
 
 
 def out_of_time(t, clock: TrainingClock) -> bool:
-    return bool(t.max_minutes) and clock.seconds() / 60 >= t.max_minutes
+    """Whether train.max_minutes is used up, at the clock's last tick."""
+    return bool(t.max_minutes) and clock.value / 60 >= t.max_minutes

@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                 t.max_grad_norm)
                 optimizer.step()
+                clock.tick(accelerator)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         if batch is not None:

@@ -259,8 +259,12 @@ def test_dataloader_workers_train_exactly_like_the_main_process(tiny_llm_dir, tm
     assert worst <= 1e-6, worst
 
 
-def test_two_processes_with_accelerate_launch(tiny_llm_dir, tmp_path, scenes):
-    recipe = tiny_recipe(tmp_path, tiny_llm_dir, scenes, max_steps=3, save_every=3, eval_every=0)
+@pytest.mark.parametrize("schedule", ["steps", "minutes"])
+def test_two_processes_with_accelerate_launch(tiny_llm_dir, tmp_path, scenes, schedule):
+    # "minutes": the main process's clock is broadcast each step (finetune/schedule.py), a collective
+    # that must work with gloo too
+    recipe = tiny_recipe(tmp_path, tiny_llm_dir, scenes, max_steps=3, save_every=3, eval_every=0, schedule=schedule,
+                         max_minutes=10 if schedule == "minutes" else 0)
     # The shipped DDP config; on this CPU-only machine it runs two gloo processes.
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
