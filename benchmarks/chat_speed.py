@@ -46,11 +46,15 @@ def engine_decode_rate(engine, n_tokens) -> float:
 PROMPT = "Write a long story about a dragon who learns to paint."
 
 
+def chat_ids(processor, text: str):
+    """The token ids of a one-message chat prompt, as the LLM sees them (1 x length)."""
+    return processor.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)["input_ids"]
+
+
 def plain_generate_rate(llm, processor, n_tokens) -> float:
     """The baseline: transformers' generate on the bare LLM, greedy, fp32, same prompt."""
-    ids = processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = chat_ids(processor, PROMPT)
     with torch.inference_mode():
         t = time.perf_counter()
         first = llm.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -84,8 +88,7 @@ def llama_bench_rate(binary: str, processor, n_tokens) -> float | str:
 
     from assistant.llm import builtin_gguf_path
 
-    depth = len(processor.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                                        return_dict=True)["input_ids"])
+    depth = chat_ids(processor, PROMPT).shape[1]
     cmd = [binary, "-m", str(builtin_gguf_path("smollm2-135m-instruct")), "-t", str(torch.get_num_threads()),
            "-p", "0", "-n", str(n_tokens), "-d", str(depth), "-b", "1", "-ub", "1", "-r", "1", "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -131,8 +134,7 @@ def token_agreement(fast_llm, fp32_llm, processor, n_tokens) -> float:
 
     agree = total = 0
     for prompt in FIDELITY_PROMPTS:
-        ids = processor.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ids = chat_ids(processor, prompt)
         answer = fp32_llm.generate(ids, max_new_tokens=n_tokens, do_sample=False)[0, ids.shape[1]:]
         cache = DynamicCache(config=fast_llm.config)
         logits = fast_llm(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
@@ -199,9 +201,9 @@ def main(argv=None) -> None:
         "weights": getattr(model, "quantized", None) or "fp32",
         "decode_tokens_per_s": round(med(ours), 2), "baseline_generate_tokens_per_s": round(med(base), 2),
         "decode_ratio_vs_generate": round(med(ours) / med(base), 2),
-        **({"llama_cpp_tokens_per_s": round(med(llama), 2), "decode_ratio_vs_llama_cpp": round(med(ours) / med(llama), 2)}
+        **({"llama_cpp_tokens_per_s": round(med(llama), 2), "decode_ratio_vs_llama_cpp": round(med(ours) / med(llama), 2),
+            "llama_cpp_via": "llama-bench" if args.llama_bench else "llama-cpp-python"}
            if all(isinstance(x, float) for x in llama) else {"llama_cpp": next(x for x in llama if isinstance(x, str))}),
-        "llama_cpp_via": "llama-bench" if args.llama_bench else "llama-cpp-python",
         "token_agreement_with_fp32": round(agreement, 4),
         "ttft_new_image_s": round(med(first), 3), "ttft_turn1_s": round(med(t1), 3), "ttft_turn5_s": round(med(t5), 3),
         "ttft_turn8_s": round(med(t8), 3),
