@@ -78,12 +78,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prefill(model, inputs_embeds, attention_mask, cache: DynamicCache, past_length: int = 0) -> None:
-    """Run `inputs_embeds` through the LLM into `cache` (positions after `past_length`), no tokens out."""
+def prefill(model, inputs_embeds, attention_mask, cache: DynamicCache, past_length: int = 0):
+    """Run `inputs_embeds` through the LLM into `cache` (positions after `past_length`); returns the
+    LLM's output, with the logits of the last position only."""
     positions = position_ids_from_mask(attention_mask)[:, past_length:]
-    model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
-              position_ids=positions.to(inputs_embeds.device), use_cache=True, logits_to_keep=1,
-              **{cache_kwarg(model.llm): cache})
+    return model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
+                     position_ids=positions.to(inputs_embeds.device), use_cache=True, logits_to_keep=1,
+                     **{cache_kwarg(model.llm): cache})
 
 
 @torch.inference_mode()
@@ -106,8 +107,7 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     full_mask = attention_mask.to(device)
     positions = position_ids_from_mask(full_mask)[:, past_length:]
     cache_kw = cache_kwarg(llm)
-    out = llm(inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=positions,
-              use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    out = prefill(model, inputs_embeds, full_mask, cache, past_length)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     history = None
     end_tensor = torch.tensor(sorted(end_ids), device=device)
@@ -133,7 +133,7 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
         full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         out = llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
-              use_cache=True, **{cache_kw: cache})
+                  use_cache=True, **{cache_kw: cache})
 
 
 class TextStream:

@@ -16,18 +16,18 @@ def shared_prefix_groups(ids: list[list[int]], pixels: list[torch.Tensor | None]
     A group is rows with identical images whose token ids agree at least up to their last image
     position; the prefix is their longest common prefix, always leaving each row one token of its
     own (the next-token logits come from it). Rows that share nothing form groups of one."""
-    groups: list[tuple[list[int], int]] = []
+    groups: list[list[int]] = []
     for row in range(len(ids)):
-        for members, _ in groups:
+        for members in groups:
             first = members[0]
             if _same_images(pixels[first], pixels[row]) and common_prefix_length(ids[first], ids[row]) > _image_end(
                     ids[first], image_token_id):
                 members.append(row)
                 break
         else:
-            groups.append(([row], 0))
+            groups.append([row])
     out = []
-    for members, _ in groups:
+    for members in groups:
         common = min(len(ids[r]) for r in members) - 1
         for r in members[1:]:
             common = min(common, common_prefix_length(ids[members[0]], ids[r]))
