@@ -20,9 +20,10 @@ def parse_args(argv=None):
                    help="USER:PASS for the UI (or env VISION_ASSISTANT_AUTH); the API then needs 'Bearer PASS'")
     p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
     p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
+    # assistant.quantization.HELP's words: importing it would load torch before --help answers
     p.add_argument("--quantize", default="auto",
-                   help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), "
-                        "int8 (dynamic int8 on the CPU: faster decoding, answers can differ slightly), "
+                   help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 "
+                        "(smoothed int8 on the CPU: faster, answers can differ slightly from full precision), "
                         "4bit / 8bit (bitsandbytes)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")

@@ -29,6 +29,8 @@ AFTER_LOADING = ("int8",)
 # MLP output projections (Llama / Qwen / Mistral, Phi / OPT, GPT-NeoX, Mixtral-style names)
 KEEP_FP32 = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 CHOICES = ("auto", "none", *BITSANDBYTES, *AFTER_LOADING)
+HELP = ("LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 (smoothed "
+        "int8 on the CPU: faster, answers can differ slightly from full precision), 4bit / 8bit (bitsandbytes)")
 
 
 def resolve_quantize(mode: str | None) -> str | None:

@@ -91,7 +91,10 @@ def llama_bench_rate(binary: str, processor, n_tokens) -> float | str:
     depth = chat_ids(processor, PROMPT).shape[1]
     cmd = [binary, "-m", str(builtin_gguf_path("smollm2-135m-instruct")), "-t", str(torch.get_num_threads()),
            "-p", "0", "-n", str(n_tokens), "-d", str(depth), "-b", "1", "-ub", "1", "-r", "1", "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except OSError as e:  # not there, not executable
+        return f"failed: --llama-bench {binary}: {e}"
     if proc.returncode != 0:
         return f"failed: llama-bench exited with {proc.returncode} ({proc.stderr.strip()[-200:]})"
     return float(json.loads(proc.stdout)[0]["avg_ts"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..metrics import score_items
 from ..quantization import CHOICES as QUANTIZE_CHOICES
+from ..quantization import HELP as QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -36,10 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-suffix", default=LLAVA_SHORT_ANSWER,
                      help=f"appended to each question on a new line (default: {LLAVA_SHORT_ANSWER!r}; '' for none)")
     run.add_argument("--limit", type=int, help="only the first N questions")
-    run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
-                   help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), "
-                        "int8 (dynamic int8 on the CPU: faster decoding, answers can differ slightly), "
-                        "4bit / 8bit (bitsandbytes)")
+    run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
     score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
     score.add_argument("--annotations", required=True, help="VQAv2 annotations JSON, or JSONL with answers")
