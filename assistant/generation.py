@@ -8,6 +8,7 @@ processors; the cache is transformers' DynamicCache.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -97,23 +98,30 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     `should_stop()` turns true. The cache is extended in place.
     """
     llm = model.llm
-    device = inputs_embeds.device
-    batch = inputs_embeds.shape[0]
     cache = cache if cache is not None else DynamicCache(config=llm.config)
+    full_mask = attention_mask.to(inputs_embeds.device)
+    positions = position_ids_from_mask(full_mask)[:, past_length:]
+    out = prefill(model, inputs_embeds, full_mask, cache, past_length)
+    compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: batch-1 steps on the CPU
+    with compiled.steps(cache, full_mask, config.max_new_tokens) if compiled else contextlib.nullcontext() as step:
+        yield from _decode_steps(llm, out.logits[:, -1, :], full_mask, positions, cache, config, end_ids,
+                                 should_stop, step)
+
+
+def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
+    """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
+    device, batch = logits.device, logits.shape[0]
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     processors = config.logits_processors()
-    full_mask = attention_mask.to(device)
-    positions = position_ids_from_mask(full_mask)[:, past_length:]
     cache_kw = cache_kwarg(llm)
-    out = prefill(model, inputs_embeds, full_mask, cache, past_length)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     history = None
     end_tensor = torch.tensor(sorted(end_ids), device=device)
     fill = end_tensor[0] if len(end_tensor) else torch.tensor(0, device=device)
-    for _ in range(config.max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+    for k in range(config.max_new_tokens):
+        logits = logits.float()
         if processors:
             scores = processors(history if history is not None else torch.zeros((batch, 0), dtype=torch.long,
                                                                                   device=device), logits)
@@ -128,12 +136,16 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
         history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
         yield next_ids
         finished |= torch.isin(next_ids, end_tensor)
-        if bool(finished.all()) or (should_stop is not None and should_stop()):
+        last = k == config.max_new_tokens - 1  # its token is never fed: the cache holds all but the last
+        if last or bool(finished.all()) or (should_stop is not None and should_stop()):
             return
         full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-        out = llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
-                  use_cache=True, **{cache_kw: cache})
+        if compiled_step is not None:
+            logits = compiled_step(next_ids)
+        else:
+            logits = llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
+                         use_cache=True, **{cache_kw: cache}).logits[:, -1, :]
 
 
 class TextStream:
