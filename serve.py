@@ -25,6 +25,9 @@ def parse_args(argv=None):
                    help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 "
                         "(smoothed int8 on the CPU: faster, answers can differ slightly from full precision), "
                         "4bit / 8bit (bitsandbytes)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="with int8: keep the eager decode steps instead of compiling them in the background "
+                        "(compiled: about 2.5x faster chat replies after a 1-2 minute compile, bf16 activations)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link (UI only)")
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
         print(f"error: --quantize: {e}", file=sys.stderr)
         return 2
     try:
-        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
+        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
+                                      compile_decode=not args.no_compile)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2

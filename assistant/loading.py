@@ -3,6 +3,7 @@ llava-hf one), or a hub id (downloaded for users who have the hub; never needed 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from peft import PeftModel
@@ -10,23 +11,35 @@ from peft import PeftModel
 from .checkpoint import is_checkpoint, load_checkpoint
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
-from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, resolve_quantize
+from .quantization import (AFTER_LOADING, BITSANDBYTES, bf16_matmul_is_fast, calibrate_and_quantize_int8,
+                           resolve_quantize)
 
 
 class ModelSpecError(ValueError):
     """A --model value that names nothing loadable; the message says what was tried."""
 
 
-def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None, merge_adapter: bool = False):
+def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None, merge_adapter: bool = False,
+               compile_decode: bool = False):
     """Resolve a model spec and load it -> (model, processor).
 
     `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
     torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
-    adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does)."""
+    adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does).
+    `compile_decode`: with int8 on a CPU with fast bf16, also start compiling the batch-1 decode steps in the
+    background (compiled_decode.py; `model.compiled_decoder`)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
         model.llm = model.llm.merge_and_unload()  # no LoRA matmuls per token
+    if mode in AFTER_LOADING and compile_decode and bf16_matmul_is_fast():
+        from .compiled_decode import CompiledDecoder  # made from the fp32 weights, before they become int8
+
+        context = getattr(model.llm.config, "max_position_embeddings", 2048)
+        try:
+            model.compiled_decoder = CompiledDecoder(model.llm, max_length=min(context, 4096)).start()
+        except Exception as e:  # an LLM class without StaticCache / attention-interface support
+            warnings.warn(f"compiled decode steps are off for this LLM, decoding stays eager ({e})", RuntimeWarning)
     if mode in AFTER_LOADING:  # smoothed int8 linear layers (quantization.py says how and what it costs)
         model = calibrate_and_quantize_int8(model, processor)
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it

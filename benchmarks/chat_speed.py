@@ -7,7 +7,7 @@ for a new image + question, and at turn 8 against turn 1 of one conversation. Me
 runs, measured side by side.
 
     python benchmarks/chat_speed.py [--model default] [--quantize auto] [--repeats 3] [--new-tokens 64]
-                                    [--llama-bench PATH]"""
+                                    [--llama-bench PATH] [--no-compile]"""
 
 from __future__ import annotations
 
@@ -130,22 +130,31 @@ FIDELITY_PROMPTS = ["What is the capital of Italy?", "Give me two tips for stayi
 
 
 @torch.inference_mode()
-def token_agreement(fast_llm, fp32_llm, processor, n_tokens) -> float:
+def token_agreement(fast_model, fp32_llm, processor, n_tokens) -> float:
     """How often the fast path picks fp32's next token along fp32's own greedy answers (teacher-forced:
-    the prompt prefilled, then one token per step, as in a chat), over FIDELITY_PROMPTS."""
+    the prompt prefilled, then one token per step as in a chat, through the compiled steps when the
+    engine has them), over FIDELITY_PROMPTS."""
+    import contextlib
+
     from transformers import DynamicCache
 
+    fast_llm, compiled = fast_model.llm, getattr(fast_model, "compiled_decoder", None)
     agree = total = 0
     for prompt in FIDELITY_PROMPTS:
         ids = chat_ids(processor, prompt)
         answer = fp32_llm.generate(ids, max_new_tokens=n_tokens, do_sample=False)[0, ids.shape[1]:]
         cache = DynamicCache(config=fast_llm.config)
         logits = fast_llm(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        for k, token in enumerate(answer.tolist()):
-            agree += int(logits.argmax().item() == token)
-            total += 1
-            if k + 1 < len(answer):
-                logits = fast_llm(input_ids=answer[None, k:k + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        steps = compiled.steps(cache, torch.ones_like(ids), len(answer)) if compiled else contextlib.nullcontext()
+        with steps as step:
+            for k, token in enumerate(answer.tolist()):
+                agree += int(logits.argmax().item() == token)
+                total += 1
+                if k + 1 < len(answer) and step is not None:
+                    logits = step(answer[k:k + 1])[0]
+                elif k + 1 < len(answer):
+                    logits = fast_llm(input_ids=answer[None, k:k + 1], past_key_values=cache,
+                                      use_cache=True).logits[0, -1]
     return agree / total
 
 
@@ -177,10 +186,15 @@ def main(argv=None) -> None:
     p.add_argument("--quantize", default="auto", help="our engine's weights, as serve.py takes it")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--no-compile", action="store_true", help="eager decode steps, as `serve.py --no-compile`")
     p.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"),
                    help="llama.cpp's llama-bench binary for the llama.cpp row (default: $LLAMA_BENCH, then PATH)")
     args = p.parse_args(argv)
-    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
+    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
+                                  compile_decode=not args.no_compile)
+    compiled = getattr(model, "compiled_decoder", None)
+    if compiled is not None:
+        compiled.wait()  # serve.py decodes eagerly until then; measured here is the steady state
     engine = Engine(model, processor)
     baseline, _ = load_model(args.model, quantize="none", merge_adapter=True)
     plain_llm = baseline.llm  # what a transformers user runs: the LLM with the adapter folded in
@@ -197,11 +211,14 @@ def main(argv=None) -> None:
         t1.append(times[0])
         t5.append(times[4])
         t8.append(times[7])
-    agreement = token_agreement(model.llm, plain_llm, processor, args.new_tokens)
+    agreement = token_agreement(model, plain_llm, processor, args.new_tokens)
     med = statistics.median
     print(json.dumps({
         "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
         "weights": getattr(model, "quantized", None) or "fp32",
+        "decode_steps": "compiled" if compiled is not None and compiled.ready.is_set() else "eager",
+        **({"compile_seconds": round(compiled.compile_seconds, 1)} if compiled is not None and compiled.compile_seconds
+           else {"compile_error": compiled.error} if compiled is not None and compiled.error else {}),
         "decode_tokens_per_s": round(med(ours), 2), "baseline_generate_tokens_per_s": round(med(base), 2),
         "decode_ratio_vs_generate": round(med(ours) / med(base), 2),
         **({"llama_cpp_tokens_per_s": round(med(llama), 2), "decode_ratio_vs_llama_cpp": round(med(ours) / med(llama), 2),

@@ -21,7 +21,7 @@ def server(tiny_llm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("served-model")
     model, processor = build_model(tiny_config(tiny_llm_dir))
     save_checkpoint(model, processor, out)
-    with running_server(str(out), "--concurrency", "2") as url:
+    with running_server(str(out), "--concurrency", "2", "--no-compile") as url:
         yield url
 
 

@@ -69,7 +69,9 @@ def run_command(args) -> int:
     from .runner import run_questions
 
     try:
-        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
+        # compiled decode steps serve batch-1 generation only (compiled_decode.py)
+        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
+                                      compile_decode=args.batch_size == 1)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2

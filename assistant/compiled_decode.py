@@ -1,0 +1,212 @@
+"""Compiled one-token decode steps for chat on the CPU (`--quantize auto`/`int8` where bf16 is fast).
+
+A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also
+pays for a few hundred small operator calls. Here a copy of the LLM keeps its linear layers as int8
+weights with one scale per output channel (weight-only: activations stay bf16, nothing is quantised per
+call), and the whole step (embedding lookup, 30 layers, LM head) is one `torch.compile`d graph: inductor
+turns the int8 matrix-vector products into its own AMX / AVX-512 kernels, fuses the small operations
+around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Two things keep a
+static cache cheap: attention reads only the filled part of it (the length is passed in, so the graph
+is compiled for a symbolic length, not once per length), and the query heads that share a key/value head
+are folded into one attention call instead of copying keys and values per head (grouped-query attention).
+
+Measured on the default model (README, benchmarks/chat_speed.py): about 2.5x the eager int8 decode
+steps. Compiling takes 1-2 minutes the first time (inductor caches the result on disk; about 20 s
+afterwards), so it runs in a background thread at load and decoding uses the eager path until it is
+ready, or whenever it cannot be used: batches of several rows, padded rows, a context longer than
+the static cache, a second reply generated at the same time, a compiler missing or failing (the error is
+kept in `CompiledDecoder.error` and warned once).
+
+Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
+token come here. The prompt's keys and values are copied into the static cache before the first step
+and the steps' keys and values are appended to the session's DynamicCache afterwards, so a chat session
+continues from its cache exactly as with eager steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+import warnings
+
+import torch
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .generation import cache_kwarg
+
+logger = logging.getLogger(__name__)
+ATTENTION = "grouped_decode_sdpa"
+WARM_UP_STEPS = 4  # distinct lengths, so that the graph is compiled for a symbolic one
+
+
+def grouped_decode_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, except for one query token: attention over the first
+    `valid_length` cache positions only, with the query heads that share a key/value head stacked as
+    rows of one call (no per-head copies of the keys and values)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    valid = kwargs.get("valid_length")
+    if query.shape[2] != 1 or valid is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, _, dim = query.shape
+    stacked = query.reshape(batch, heads // groups, groups, dim)
+    mask = attention_mask[..., :valid] if attention_mask is not None else None
+    out = torch.nn.functional.scaled_dot_product_attention(stacked, key[:, :, :valid], value[:, :, :valid],
+                                                           attn_mask=mask, scale=module.scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION, grouped_decode_sdpa)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """`linear(x)` with int8 weights and one scale per output channel; written as dequantise-then-matmul,
+    the pattern inductor replaces by its int8 weight-only kernels (never run eagerly in the fast path)."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype=torch.bfloat16):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scale
+        return y if self.bias is None else y + self.bias
+
+
+def int8_weight_only_copy(llm, dtype=torch.bfloat16):
+    """A copy of `llm` in `dtype` with every linear layer (the LM head too, untied from the embedding)
+    as Int8WeightOnlyLinear."""
+    fast = copy.deepcopy(llm)
+    head = fast.get_output_embeddings()
+    if head is not None and head.weight is fast.get_input_embeddings().weight:
+        untied = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+        untied.weight = torch.nn.Parameter(head.weight.detach().clone())
+        fast.set_output_embeddings(untied)
+    for name, module in [(n, m) for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]:
+        parent, _, child = name.rpartition(".")
+        setattr(fast.get_submodule(parent) if parent else fast, child, Int8WeightOnlyLinear(module, dtype))
+    fast = fast.to(dtype).eval()
+    fast.set_attn_implementation(ATTENTION)
+    return fast
+
+
+class CompiledDecoder:
+    """Batch-1 decode steps through a compiled int8 weight-only copy of the LLM (module docstring).
+    `start()` compiles in a background thread; `steps(...)` gives a step function once `ready`."""
+
+    def __init__(self, llm, max_length: int = 4096):
+        self.max_length = max_length
+        self.llm = int8_weight_only_copy(llm)
+        self.cache = StaticCache(config=self.llm.config, max_cache_len=max_length)
+        self._cache_kwarg = cache_kwarg(self.llm)
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.compile_seconds: float | None = None
+        self._busy = threading.Lock()  # one static cache: one reply at a time
+        self._compiled = None
+        self._thread = None
+
+    # ---- compiling ------------------------------------------------------------------------------
+    def start(self) -> "CompiledDecoder":
+        """Compile and warm up in a background thread (decoding stays eager until `ready`)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._compile, name="compile-decode", daemon=True)
+            self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until compiled (or failed); True if usable."""
+        if self._thread is None:
+            self.start()
+        self._thread.join(timeout)
+        return self.ready.is_set()
+
+    def _step(self, token_ids, position, valid_length: int):
+        return self.llm(input_ids=token_ids, cache_position=position, use_cache=True, valid_length=valid_length,
+                        **{self._cache_kwarg: self.cache}).logits[:, -1]
+
+    def _compile(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._warm_up()
+            self.compile_seconds = time.perf_counter() - start
+            self.ready.set()
+        except Exception as e:  # no C++ compiler, an unsupported model...: eager decode steps stay
+            self.error = f"{type(e).__name__}: {e}".strip()[:500]
+            warnings.warn(f"compiled decode steps are off, decoding stays eager ({self.error})", RuntimeWarning)
+            return
+        logger.info("compiled decode steps ready after %.0f s", self.compile_seconds)
+
+    def _warm_up(self) -> None:
+        with torch.inference_mode():  # one eager step first: the static cache allocates its tensors outside the graph
+            self._step(torch.zeros((1, 1), dtype=torch.long), torch.tensor([0]), 1)
+        for layer in self.cache.layers:  # transformers marks them static; freezing would then copy them into the
+            for tensor in (layer.keys, layer.values, layer.cumulative_length):  # graph as constants, and the
+                if hasattr(tensor, "_dynamo_static_input_type"):  # prompts we copy in would never arrive
+                    del tensor._dynamo_static_input_type
+        import torch._inductor.config as inductor
+
+        self._compiled = torch.compile(self._step, fullgraph=True, dynamic=None, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,  # weights never change
+        })  # dynamic=None: valid_length turns symbolic at its second value, one graph for every length
+        # freezing: weights become constants (int8 kernels, no dequantised copy per call); max_autotune: lets
+        # inductor pick its int8 weight-only GEMM templates (AMX / AVX-512)
+        with inductor.patch(freezing=True, max_autotune=True), torch.inference_mode(), self._busy:
+            for k in range(WARM_UP_STEPS):
+                self._compiled(torch.zeros((1, 1), dtype=torch.long), torch.tensor([k]), k + 1)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def steps(self, cache, attention_mask, max_new_tokens: int):
+        """Within the block, `step(token_ids) -> logits`: feeds one token after the prompt and the tokens
+        stepped before (None if the compiled path cannot take this generation: the caller then steps
+        eagerly). `cache`: the DynamicCache the prompt was prefilled into; on exit it holds the keys and
+        values of every token stepped, as eager steps leave it."""
+        length = attention_mask.shape[1]
+        usable = (self.ready.is_set() and attention_mask.shape[0] == 1 and bool(attention_mask.all())
+                  and cache.get_seq_length() == length and length + max_new_tokens <= self.max_length)
+        if not usable or not self._busy.acquire(blocking=False):
+            yield None
+            return
+        fed = 0
+        try:
+            @torch.inference_mode()
+            def step(token_ids):
+                nonlocal fed
+                if fed == 0:  # here rather than on entry: the first token is out before the copy
+                    self._load(cache)
+                position = length + fed
+                logits = self._compiled(token_ids.reshape(1, 1), torch.tensor([position]), position + 1)
+                fed += 1
+                return logits
+
+            yield step
+        finally:
+            try:
+                self._store(cache, length, fed)
+            finally:
+                self._busy.release()
+
+    @torch.inference_mode()
+    def _load(self, cache) -> None:
+        self.cache.reset()  # static layers write where their own count of held positions says: back to 0
+        for layer, dynamic in enumerate(cache.layers):
+            self.cache.update(dynamic.keys.to(self.llm.dtype), dynamic.values.to(self.llm.dtype), layer)
+
+    @torch.inference_mode()
+    def _store(self, cache, start: int, count: int) -> None:
+        if count == 0:
+            return
+        for layer, static in enumerate(self.cache.layers):
+            keys = static.keys[:, :, start:start + count]
+            values = static.values[:, :, start:start + count]
+            dynamic = cache.layers[layer]
+            cache.update(keys.to(dynamic.keys.dtype), values.to(dynamic.values.dtype), layer)

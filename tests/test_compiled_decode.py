@@ -1,0 +1,110 @@
+"""Compiled decode steps (assistant/compiled_decode.py) on a tiny random Llama: the compiled step gives the
+logits of the same int8 weight-only model run eagerly, hands the session's KV cache back as eager steps
+leave it, serves a two-turn chat through the engine, and steps aside for what it cannot take."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from assistant.builder import build_model
+from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear
+from assistant.engine import ChatSession, Engine
+from assistant.generation import GenerationConfig
+from helpers import random_image, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_llm_dir_gentle):
+    model, processor = build_model(tiny_config(tiny_llm_dir_gentle))
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def decoder(model_and_processor):
+    decoder = CompiledDecoder(model_and_processor[0].llm, max_length=256).start()
+    assert decoder.wait(timeout=600), decoder.error
+    return decoder
+
+
+def test_int8_weight_only_linear_is_close_to_the_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48)
+    x = torch.randn(5, 96)
+    y = Int8WeightOnlyLinear(linear, dtype=torch.float32)(x)
+    reference = linear(x)
+    assert ((y - reference).norm() / reference.norm()).item() < 0.01
+
+
+@torch.inference_mode()
+def test_compiled_steps_match_eager_steps_and_hand_back_the_cache(decoder):
+    llm = decoder.llm  # the same weights, run eagerly: only the compiled kernels differ
+    prompt = torch.tensor([[1, 17, 305, 9, 44, 12, 8, 900]])
+    tokens = [31, 502, 77, 3, 18, 260]
+    eager_cache = DynamicCache(config=llm.config)
+    eager = [llm(input_ids=prompt, past_key_values=eager_cache, use_cache=True).logits[:, -1]]
+    for t in tokens:
+        eager.append(llm(input_ids=torch.tensor([[t]]), past_key_values=eager_cache, use_cache=True).logits[:, -1])
+
+    cache = DynamicCache(config=llm.config)
+    llm(input_ids=prompt, past_key_values=cache, use_cache=True)
+    with decoder.steps(cache, torch.ones_like(prompt), max_new_tokens=len(tokens)) as step:
+        assert step is not None
+        compiled = [step(torch.tensor([t])) for t in tokens]
+    for ours, reference in zip(compiled, eager[1:]):
+        assert torch.allclose(ours.float(), reference.float(), atol=0.05 * reference.abs().max().item())
+    assert cache.get_seq_length() == prompt.shape[1] + len(tokens)
+    for mine, theirs in zip(cache.layers, eager_cache.layers):
+        assert torch.allclose(mine.keys.float(), theirs.keys.float(), atol=0.05 * theirs.keys.abs().max().item())
+    # the cache continues eagerly where the compiled steps stopped
+    after = llm(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True).logits[:, -1]
+    reference = llm(input_ids=torch.tensor([[5]]), past_key_values=eager_cache, use_cache=True).logits[:, -1]
+    assert torch.allclose(after.float(), reference.float(), atol=0.05 * reference.abs().max().item())
+
+
+def test_steps_step_aside_for_what_they_cannot_take(decoder):
+    llm = decoder.llm
+    prompt = torch.tensor([[1, 17, 305], [1, 18, 306]])
+    cache = DynamicCache(config=llm.config)
+    with torch.inference_mode():
+        llm(input_ids=prompt, past_key_values=cache, use_cache=True)
+    with decoder.steps(cache, torch.ones_like(prompt), 8) as step:
+        assert step is None  # a batch of two
+    single = DynamicCache(config=llm.config)
+    with torch.inference_mode():
+        llm(input_ids=prompt[:1], past_key_values=single, use_cache=True)
+    with decoder.steps(single, torch.ones_like(prompt[:1]), 400) as step:
+        assert step is None  # longer than the static cache (256)
+    with decoder.steps(single, torch.tensor([[0, 1, 1]]), 8) as step:
+        assert step is None  # a padded row
+    with decoder.steps(single, torch.ones_like(prompt[:1]), 8) as first:
+        assert first is not None
+        with decoder.steps(single, torch.ones_like(prompt[:1]), 8) as second:
+            assert second is None  # one static cache: a second reply at the same time steps eagerly
+    assert single.get_seq_length() == 3  # nothing stepped, nothing added
+
+
+def test_engine_chat_uses_the_compiled_steps_across_turns(model_and_processor, decoder):
+    model, processor = model_and_processor
+    engine = Engine(model, processor)
+    calls = []
+    compiled = decoder._compiled
+
+    def counting(*args):
+        calls.append(args[2])
+        return compiled(*args)
+
+    decoder._compiled, model.compiled_decoder = counting, decoder
+    try:
+        session = ChatSession()
+        session.add_user_message("What is in the image?", [random_image(1)])
+        engine.chat(session, GenerationConfig(max_new_tokens=12))
+        first_turn = len(calls)
+        session.add_user_message("And what colour is it?")
+        engine.chat(session, GenerationConfig(max_new_tokens=12))
+    finally:
+        decoder._compiled = compiled
+        del model.compiled_decoder
+    assert first_turn > 0 and len(calls) > first_turn
+    assert calls[first_turn] > calls[first_turn - 1]  # the second turn continues after the first
+    # the session's cache holds exactly what the engine says it holds, ready for a third turn
+    assert session.cache.get_seq_length() == len(session.cached_keys)
