@@ -108,3 +108,25 @@ def test_engine_chat_uses_the_compiled_steps_across_turns(model_and_processor, d
     assert calls[first_turn] > calls[first_turn - 1]  # the second turn continues after the first
     # the session's cache holds exactly what the engine says it holds, ready for a third turn
     assert session.cache.get_seq_length() == len(session.cached_keys)
+
+
+def test_a_failed_compile_leaves_eager_steps_and_says_why(model_and_processor, monkeypatch):
+    model, processor = model_and_processor
+    decoder = CompiledDecoder(model.llm, max_length=64)
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(decoder, "_warm_up", no_compiler)
+    with pytest.warns(RuntimeWarning, match="decoding stays eager"):
+        assert decoder.start().wait(timeout=60) is False
+    assert "no C++ compiler" in decoder.error
+    engine = Engine(model, processor)
+    model.compiled_decoder = decoder
+    try:
+        session = ChatSession()
+        session.add_user_message("Hello?")
+        assert isinstance(engine.chat(session, GenerationConfig(max_new_tokens=4)), str)
+    finally:
+        del model.compiled_decoder
+    assert session.cache.get_seq_length() == len(session.cached_keys)
