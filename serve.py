@@ -56,6 +56,24 @@ def build_app(engine, args):
     return gr.mount_gradio_app(app, demo, path="/", auth=auth), demo
 
 
+def report_compiled_decode(decoder) -> None:
+    """Say on stderr that the decode steps compile in the background, and when they are ready (or not)."""
+    if decoder is None:
+        return
+    import threading
+
+    print("note: compiling the decode steps in the background (about 2 minutes the first time); replies "
+          "use the eager int8 steps until then (--no-compile: always)", file=sys.stderr, flush=True)
+
+    def report():
+        if decoder.wait():
+            print(f"note: compiled decode steps ready after {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+        else:
+            print(f"note: decode steps stay eager: {decoder.error}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=report, daemon=True).start()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from assistant.engine import Engine
@@ -78,6 +96,7 @@ def main(argv=None) -> int:
     engine = Engine(model, processor)
     if not model.config.trained:
         print(f"note: {model.config.description}", file=sys.stderr)
+    report_compiled_decode(getattr(model, "compiled_decoder", None))
     app, demo = build_app(engine, args)
     if args.share:
         demo.launch(server_name=args.host, server_port=args.port, share=True,
