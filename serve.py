@@ -86,14 +86,20 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: --quantize: {e}", file=sys.stderr)
         return 2
-    try:
+    from server.engine_thread import EngineThread
+
+    def load():  # on the engine thread, which then computes every reply (engine_thread.py says why)
         model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
                                       compile_decode=not args.no_compile)
+        return Engine(model, processor)
+
+    try:
+        engine = EngineThread(load)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    model = engine.model
     args.model_name = "default" if args.model == "default" else os.path.basename(os.path.normpath(args.model))
-    engine = Engine(model, processor)
     if not model.config.trained:
         print(f"note: {model.config.description}", file=sys.stderr)
     report_compiled_decode(getattr(model, "compiled_decoder", None))
