@@ -12,8 +12,8 @@ are folded into one attention call instead of copying keys and values per head (
 
 Measured on the default model (README, benchmarks/chat_speed.py): about 3x the eager int8 decode
 steps, 3.8-4.0x plain transformers `generate` in fp32. Compiling takes about 2 minutes the first time
-(inductor caches the result on disk; about 40 s afterwards), so it runs in a background thread at load and decoding uses the eager path until it is
-ready, or whenever it cannot be used: batches of several rows, padded rows, a context longer than
+(inductor caches the result on disk; about 40 s afterwards), so it runs in a background thread at load
+and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of several rows, padded rows, a context longer than
 the static cache, a second reply generated at the same time, a compiler missing or failing (the error is
 kept in `CompiledDecoder.error` and warned once).
 
@@ -91,11 +91,17 @@ def int8_weight_only_copy(llm, dtype=torch.bfloat16):
         untied.weight = torch.nn.Parameter(head.weight.detach().clone())
         fast.set_output_embeddings(untied)
     for name, module in [(n, m) for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]:
-        parent, _, child = name.rpartition(".")
-        setattr(fast.get_submodule(parent) if parent else fast, child, Int8WeightOnlyLinear(module, dtype))
+        fast.set_submodule(name, Int8WeightOnlyLinear(module, dtype))
     fast = fast.to(dtype).eval()
     fast.set_attn_implementation(ATTENTION)
     return fast
+
+
+def wait_for_compiled_steps(model) -> str:
+    """For measurements: wait until `model`'s decode steps are compiled (if it compiles them) and say
+    which steps batch-1 generation now uses, "compiled" or "eager"."""
+    decoder = getattr(model, "compiled_decoder", None)
+    return "compiled" if decoder is not None and decoder.wait() else "eager"
 
 
 class CompiledDecoder:

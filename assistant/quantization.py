@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -97,6 +98,7 @@ class Bf16PromptLinear(torch.nn.Module):
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
 
 
+@functools.cache  # a property of the machine: measured once per process (load_model asks twice)
 def bf16_matmul_is_fast(size: int = 768, rows: int = 64) -> bool:
     """Whether a bf16 matrix product beats fp32 by 1.5x on this CPU (measured: CPUs without bf16 units
     convert and run slower than fp32)."""
@@ -152,8 +154,7 @@ def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
                 replacement = Bf16PromptLinear(module, replacement, min_rows=128)
         else:
             replacement = _dynamic_int8(module)
-        parent, _, child = name.rpartition(".")
-        setattr(llm.get_submodule(parent) if parent else llm, child, replacement)
+        llm.set_submodule(name, replacement)
     return llm
 
 

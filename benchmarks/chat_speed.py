@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from assistant.compiled_decode import wait_for_compiled_steps  # noqa: E402
 from assistant.engine import ChatSession, Engine  # noqa: E402
 from assistant.generation import GenerationConfig  # noqa: E402
 from assistant.loading import load_model  # noqa: E402
@@ -193,8 +194,7 @@ def main(argv=None) -> None:
     model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
                                   compile_decode=not args.no_compile)
     compiled = getattr(model, "compiled_decoder", None)
-    if compiled is not None:
-        compiled.wait()  # serve.py decodes eagerly until then; measured here is the steady state
+    decode_steps = wait_for_compiled_steps(model)  # serve.py decodes eagerly until then; measured: the steady state
     engine = Engine(model, processor)
     baseline, _ = load_model(args.model, quantize="none", merge_adapter=True)
     plain_llm = baseline.llm  # what a transformers user runs: the LLM with the adapter folded in
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     print(json.dumps({
         "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
         "weights": getattr(model, "quantized", None) or "fp32",
-        "decode_steps": "compiled" if compiled is not None and compiled.ready.is_set() else "eager",
+        "decode_steps": decode_steps,
         **({"compile_seconds": round(compiled.compile_seconds, 1)} if compiled is not None and compiled.compile_seconds
            else {"compile_error": compiled.error} if compiled is not None and compiled.error else {}),
         "decode_tokens_per_s": round(med(ours), 2), "baseline_generate_tokens_per_s": round(med(base), 2),

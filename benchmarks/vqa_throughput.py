@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from assistant.compiled_decode import wait_for_compiled_steps  # noqa: E402
 from assistant.engine import Engine  # noqa: E402
 from assistant.loading import load_model  # noqa: E402
 from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
@@ -41,9 +42,7 @@ def main(argv=None) -> None:
 
     # as the VQA command runs batch 1: decode steps compiled where it compiles them (batches never use them)
     model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True, compile_decode=True)
-    compiled = getattr(model, "compiled_decoder", None)
-    if compiled is not None:
-        compiled.wait()
+    batch1_steps = wait_for_compiled_steps(model)
     engine = Engine(model, processor)
     items, root = builtin_dataset("easy-vqa:test")
     items = items[:args.items]
@@ -55,7 +54,7 @@ def main(argv=None) -> None:
     b1, b16 = statistics.median(runs[1]), statistics.median(runs[16])
     print(json.dumps({"benchmark": "vqa_throughput", "model": args.model, "items": len(items),
                       "weights": getattr(model, "quantized", None) or "fp32",
-                      "batch1_decode_steps": "compiled" if compiled is not None and compiled.ready.is_set() else "eager",
+                      "batch1_decode_steps": batch1_steps,
                       "threads": torch.get_num_threads(), "batch1_items_per_s": round(b1, 3),
                       "batch16_items_per_s": round(b16, 3), "ratio_16_vs_1": round(b16 / b1, 2),
                       "runs": {str(k): [round(x, 3) for x in v] for k, v in runs.items()}}))
