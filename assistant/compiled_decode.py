@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import threading
 import time
+import types
 import warnings
 
 import torch
@@ -97,6 +99,15 @@ def int8_weight_only_copy(llm, dtype=torch.bfloat16):
     return fast
 
 
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of every tensor of `module` (names and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def wait_for_compiled_steps(model) -> str:
     """For measurements: wait until `model`'s decode steps are compiled (if it compiles them) and say
     which steps batch-1 generation now uses, "compiled" or "eager"."""
@@ -143,6 +154,7 @@ class CompiledDecoder:
         start = time.perf_counter()
         try:
             self._warm_up()
+            self._check_against_eager()
             self.compile_seconds = time.perf_counter() - start
             self.ready.set()
         except Exception as e:  # no C++ compiler, an unsupported model...: eager decode steps stay
@@ -160,14 +172,43 @@ class CompiledDecoder:
                     del tensor._dynamo_static_input_type
         import torch._inductor.config as inductor
 
-        self._compiled = torch.compile(self._step, fullgraph=True, dynamic=None, options={
+        # Dynamo keeps compiled code per code object, and with the module guards skipped it would hand a
+        # second decoder in this process (another model of the same shapes) the first one's frozen weights:
+        # each decoder compiles its own copy of the step's code
+        own_step = types.FunctionType(CompiledDecoder._step.__code__.replace(), globals(), "_step")
+        self._compiled = torch.compile(types.MethodType(own_step, self), fullgraph=True, dynamic=None, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,  # weights never change
         })  # dynamic=None: valid_length turns symbolic at its second value, one graph for every length
         # freezing: weights become constants (int8 kernels, no dequantised copy per call); max_autotune: lets
         # inductor pick its int8 weight-only GEMM templates (AMX / AVX-512)
-        with inductor.patch(freezing=True, max_autotune=True), torch.inference_mode(), self._busy:
+        # inductor's on-disk cache keys frozen weights by shape only, yet keeps what it computed from them (the
+        # GEMM kernels' packed weights): without the fingerprint in the key, another model of the same shapes
+        # (a fine-tune of the default) would decode with the weights of the one compiled first
+        tag = f"assistant-decode-{weights_fingerprint(self.llm)}"
+        with inductor.patch(freezing=True, max_autotune=True), torch.compiler.config.patch(cache_key_tag=tag), \
+                torch.inference_mode(), self._busy:
             for k in range(WARM_UP_STEPS):
                 self._compiled(torch.zeros((1, 1), dtype=torch.long), torch.tensor([k]), k + 1)
+
+    @torch.inference_mode()
+    def _check_against_eager(self, length: int = 6) -> None:
+        """One step compiled and eagerly from the same cache must agree (within int8/bf16 rounding), or the
+        compiled steps stay off: a wrong answer is worse than a slow one (a stale compiled artifact, see the
+        cache key above, gave logits off by 70% of their size). Ordinary tokens spread over the vocabulary
+        (special tokens, at either end of it, can push a small model's activations to extremes where the two
+        roundings part), at a length past the warm-up's, so the graph checked is the one every length uses."""
+        vocab = self.llm.config.vocab_size
+        tokens = [vocab * k // (length + 2) for k in range(1, length + 1)]
+        logits = []
+        for step in (self._step, self._compiled):
+            self.cache.reset()
+            for position, token in enumerate(tokens[:-1]):
+                self._step(torch.tensor([[token]]), torch.tensor([position]), position + 1)
+            logits.append(step(torch.tensor([[tokens[-1]]]), torch.tensor([length - 1]), length).float())
+        eager, compiled = logits
+        error = (compiled - eager).abs().max().item() / max(eager.abs().max().item(), 1e-6)
+        if not error <= 0.1:
+            raise RuntimeError(f"compiled step disagrees with the eager step (relative error {error:.3f})")
 
     # ---- decoding ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -2,9 +2,11 @@
 logits of the same int8 weight-only model run eagerly, hands the session's KV cache back as eager steps
 leave it, serves a two-turn chat through the engine, and steps aside for what it cannot take."""
 
+import copy
+
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from assistant.builder import build_model
 from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear
@@ -130,3 +132,44 @@ def test_a_failed_compile_leaves_eager_steps_and_says_why(model_and_processor, m
     finally:
         del model.compiled_decoder
     assert session.cache.get_seq_length() == len(session.cached_keys)
+
+
+
+def test_two_models_of_one_shape_each_decode_with_their_own_weights():
+    """A second model of the same shapes (a fine-tune of the first) must decode with its own weights: Dynamo
+    keeps compiled code per function and inductor's disk cache keys frozen weights by shape only, so both
+    once handed the second decoder the first one's weights."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    first = LlamaForCausalLM(config).eval()
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(-1.5)
+    prompt, token = torch.tensor([[1, 17, 305, 9]]), torch.tensor([[31]])
+    outputs = []
+    for llm in (first, second):
+        decoder = CompiledDecoder(llm, max_length=256).start()
+        assert decoder.wait(timeout=600), decoder.error
+        with torch.inference_mode():
+            eager_cache, cache = DynamicCache(config=config), DynamicCache(config=config)
+            decoder.llm(input_ids=prompt, past_key_values=eager_cache, use_cache=True)
+            decoder.llm(input_ids=prompt, past_key_values=cache, use_cache=True)
+            reference = decoder.llm(input_ids=token, past_key_values=eager_cache, use_cache=True).logits[:, -1].float()
+            with decoder.steps(cache, torch.ones_like(prompt), max_new_tokens=2) as step:
+                ours = step(token[0]).float()
+        assert torch.allclose(ours, reference, atol=0.05 * reference.abs().max().item())
+        outputs.append(reference)
+    assert not torch.allclose(outputs[0], outputs[1], atol=0.5 * outputs[0].abs().max().item())
+
+
+def test_compiled_steps_that_disagree_with_eager_steps_stay_off(model_and_processor, monkeypatch):
+    def miscompile(fn, **kwargs):
+        return lambda *args: -fn(*args)
+
+    monkeypatch.setattr(torch, "compile", miscompile)
+    decoder = CompiledDecoder(model_and_processor[0].llm, max_length=64)
+    with pytest.warns(RuntimeWarning, match="decoding stays eager"):
+        assert decoder.start().wait(timeout=120) is False
+    assert "disagrees with the eager step" in decoder.error
