@@ -108,6 +108,14 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
                                  should_stop, step)
 
 
+def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row. On the CPU through numpy: torch's CPU argmax took 60-85 us for one row of
+    SmolLM2's 49,152 words on this machine (510 us for 16 rows), numpy's 3 us, once per generated token."""
+    if scores.device.type == "cpu":
+        return torch.from_numpy(scores.numpy().argmax(-1))
+    return scores.argmax(dim=-1)
+
+
 def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
     """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
     device, batch = logits.device, logits.shape[0]
@@ -131,7 +139,7 @@ def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, sho
             probs = torch.softmax(scores, dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            next_ids = scores.argmax(dim=-1)
+            next_ids = greedy_ids(scores)
         next_ids = torch.where(finished, fill, next_ids)
         history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
         yield next_ids
