@@ -5,17 +5,22 @@ pays for a few hundred small operator calls. Here a copy of the LLM keeps its li
 weights with one scale per output channel (weight-only: activations stay bf16, nothing is quantised per
 call), and the whole step (embedding lookup, 30 layers, LM head) is one `torch.compile`d graph: inductor
 turns the int8 matrix-vector products into its own AMX / AVX-512 kernels, fuses the small operations
-around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Two things keep a
-static cache cheap: attention reads only the filled part of it (the length is passed in, so the graph
-is compiled for a symbolic length, not once per length), and the query heads that share a key/value head
-are folded into one attention call instead of copying keys and values per head (grouped-query attention).
+around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Between kernels
+the main thread's serial work keeps the second core waiting, so there is little of it: the kernel calls
+are made from C++ (inductor's cpp_wrapper), and in Llama-architecture models the query/key/value and the
+gate/up projections are one matrix each (fewer, larger GEMMs). Two things keep a static cache cheap:
+attention reads only the filled part of it (the length is passed in, so the graph is compiled for a
+symbolic length, not once per length), and the query heads that share a key/value head are folded into
+one attention call instead of copying keys and values per head (grouped-query attention).
 
 Measured on the default model (README, benchmarks/chat_speed.py): about 3x the eager int8 decode
-steps, 3.8-4.0x plain transformers `generate` in fp32. Compiling takes about 2 minutes the first time
-(inductor caches the result on disk; about 40 s afterwards), so it runs in a background thread at load
-and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of several rows, padded rows, a context longer than
-the static cache, a second reply generated at the same time, a compiler missing or failing (the error is
-kept in `CompiledDecoder.error` and warned once).
+steps, 3.8-3.9x plain transformers `generate` in fp32. Compiling takes 2-2.5 minutes the first time
+(inductor caches the result on disk, keyed by a digest of the weights; about 40 s afterwards), so it
+runs in a background thread at load, ends with a check that one compiled step agrees with the eager
+one, and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of
+several rows, padded rows, a context longer than the static cache, a second reply generated at the same
+time, a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and
+warned once).
 
 Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
 token come here. The prompt's keys and values are copied into the static cache before the first step
