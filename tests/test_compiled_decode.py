@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from assistant.builder import build_model
-from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear
+from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear, RescoredLMHead, rescored_head
 from assistant.engine import ChatSession, Engine
 from assistant.generation import GenerationConfig
 from helpers import random_image, tiny_config
@@ -35,6 +35,25 @@ def test_int8_weight_only_linear_is_close_to_the_linear():
     y = Int8WeightOnlyLinear(linear, dtype=torch.float32)(x)
     reference = linear(x)
     assert ((y - reference).norm() / reference.norm()).item() < 0.01
+
+
+@torch.inference_mode()
+def test_the_rescored_lm_head_picks_what_the_int8_head_picks():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1024, bias=False)
+    int8_head = Int8WeightOnlyLinear(linear)
+    head = rescored_head(int8_head, linear.weight)
+    assert isinstance(head, RescoredLMHead)
+    hidden = torch.randn(32, 64, dtype=torch.bfloat16)
+    ours, exact = head(hidden).float(), int8_head(hidden).float()
+    rounding = 0.02 * exact.abs().max().item()  # the top values are recomputed from the int8 rows in fp32
+    picked = exact.gather(-1, ours.argmax(-1, keepdim=True))  # the int8 head's best, or a tie within rounding
+    assert bool((picked >= exact.max(-1, keepdim=True).values - rounding).all())
+    top = exact.topk(4, dim=-1).indices  # well inside the int4 pass's top 16: recomputed exactly
+    assert torch.allclose(ours.gather(-1, top), exact.gather(-1, top), atol=rounding)
+    assert not torch.equal(ours, exact)  # the rest comes from the int4 pass
+    odd = torch.nn.Linear(64, 1000, bias=False)  # int4 packing wants rows in multiples of 16: int8 stays
+    assert isinstance(rescored_head(Int8WeightOnlyLinear(odd), odd.weight), Int8WeightOnlyLinear)
 
 
 @torch.inference_mode()
