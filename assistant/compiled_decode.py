@@ -14,7 +14,7 @@ symbolic length, not once per length), and the query heads that share a key/valu
 one attention call instead of copying keys and values per head (grouped-query attention).
 
 Measured on the default model (README, benchmarks/chat_speed.py): about 3x the eager int8 decode
-steps, 3.8-3.9x plain transformers `generate` in fp32. Compiling takes 2-2.5 minutes the first time
+steps, 3.8-4.2x plain transformers `generate` in fp32. Compiling takes 2-2.5 minutes the first time
 (inductor caches the result on disk, keyed by a digest of the weights; about 40 s afterwards), so it
 runs in a background thread at load, ends with a check that one compiled step agrees with the eager
 one, and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of
