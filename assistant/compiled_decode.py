@@ -201,7 +201,7 @@ def int8_weight_only_copy(llm, dtype=torch.bfloat16):
         untied.weight = torch.nn.Parameter(head.weight.detach().clone())
         fast.set_output_embeddings(untied)
     fuse_projections(fast)
-    head_weight = fast.get_output_embeddings().weight.detach().clone()
+    head_weight = fast.get_output_embeddings().weight.detach()  # no copy: its Linear is swapped out below
     for name, module in [(n, m) for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]:
         fast.set_submodule(name, Int8WeightOnlyLinear(module, dtype))
     fast = fast.to(dtype).eval()
