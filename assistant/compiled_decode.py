@@ -8,10 +8,11 @@ turns the int8 matrix-vector products into its own AMX / AVX-512 kernels, fuses 
 around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Between kernels
 the main thread's serial work keeps the second core waiting, so there is little of it: the kernel calls
 are made from C++ (inductor's cpp_wrapper), and in Llama-architecture models the query/key/value and the
-gate/up projections are one matrix each (fewer, larger GEMMs). Two things keep a static cache cheap:
-attention reads only the filled part of it (the length is passed in, so the graph is compiled for a
-symbolic length, not once per length), and the query heads that share a key/value head are folded into
-one attention call instead of copying keys and values per head (grouped-query attention).
+gate/up projections are one matrix each (fewer, larger GEMMs). Attention reads only the filled part of the
+static cache (the length is passed in, so the graph is compiled for a symbolic length, not once per
+length), through our one-token attention kernel (decode_attention.py: each key/value row read once for
+the query heads that share it, positions split evenly over the threads), or where that cannot be built,
+through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
 Measured on the default model (README, benchmarks/chat_speed.py): about 3x the eager int8 decode
 steps, 3.8-4.2x plain transformers `generate` in fp32. Compiling takes 2-2.5 minutes the first time
@@ -46,6 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, apply_rotary_pos_emb
 
+from . import decode_attention
 from .generation import cache_kwarg
 
 logger = logging.getLogger(__name__)
@@ -55,12 +57,16 @@ WARM_UP_STEPS = 4  # distinct lengths, so that the graph is compiled for a symbo
 
 def grouped_decode_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, except for one query token: attention over the first
-    `valid_length` cache positions only, with the query heads that share a key/value head stacked as
-    rows of one call (no per-head copies of the keys and values)."""
+    `valid_length` cache positions only, through our decode kernel (decode_attention.py) where it is built
+    and takes the shapes, else through SDPA with the query heads that share a key/value head stacked as
+    rows of one call (no per-head copies of the keys and values). The mask is not needed for one token of
+    one unpadded row (the only generations these steps take): it sees every filled position."""
     groups = getattr(module, "num_key_value_groups", 1)
     valid = kwargs.get("valid_length")
     if query.shape[2] != 1 or valid is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if query.dtype == torch.bfloat16 and decode_attention.supports(module):
+        return decode_attention.decode_attention(query, key, value, valid, module.scaling).transpose(1, 2), None
     batch, heads, _, dim = query.shape
     stacked = query.reshape(batch, heads // groups, groups, dim)
     mask = attention_mask[..., :valid] if attention_mask is not None else None
@@ -275,6 +281,7 @@ class CompiledDecoder:
         logger.info("compiled decode steps ready after %.0f s", self.compile_seconds)
 
     def _warm_up(self) -> None:
+        decode_attention.load()  # the attention kernel: built on first use, SDPA where it cannot be
         with torch.inference_mode():  # one eager step first: the static cache allocates its tensors outside the graph
             self._step(torch.zeros((1, 1), dtype=torch.long), torch.tensor([0]), 1)
         for layer in self.cache.layers:  # transformers marks them static; freezing would then copy them into the

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from assistant import decode_attention
 from assistant.builder import build_model
 from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear, RescoredLMHead, rescored_head
 from assistant.engine import ChatSession, Engine
@@ -59,6 +60,8 @@ def test_the_rescored_lm_head_picks_what_the_int8_head_picks():
 @torch.inference_mode()
 def test_compiled_steps_match_eager_steps_and_hand_back_the_cache(decoder):
     llm = decoder.llm  # the same weights, run eagerly: only the compiled kernels differ
+    # the steps' attention is our kernel (decode_attention.cpp), the eager reference's is SDPA
+    assert decode_attention.supports(llm.model.layers[0].self_attn), decode_attention.error
     prompt = torch.tensor([[1, 17, 305, 9, 44, 12, 8, 900]])
     tokens = [31, 502, 77, 3, 18, 260]
     eager_cache = DynamicCache(config=llm.config)
