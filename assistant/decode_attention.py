@@ -15,17 +15,19 @@ query heads per key/value head), the decode steps use SDPA as before.
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_GROUPS = 8
+STALE_LOCK_SECONDS = 300  # a build takes 10-20 s
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -52,9 +54,10 @@ def load() -> bool:
                 from torch.utils import cpp_extension
 
                 isa, flags = _isa_flags()
+                name = f"assistant_decode_attention_{isa}"
                 # -ffast-math: exp vectorised (glibc's libmvec); the kernel uses no infinities or NaNs
                 # -fopenmp: at::parallel_for runs on PyTorch's OpenMP threads (already loaded, so shared)
-                cpp_extension.load(name=f"assistant_decode_attention_{isa}", sources=[str(SOURCE)],
+                cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_directory(name)),
                                    extra_cflags=["-O3", "-ffast-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                                    is_python_module=False, verbose=False)
                 torch.library.register_fake("assistant::decode_attention")(_shape)
@@ -64,6 +67,21 @@ def load() -> bool:
                 error = f"{type(e).__name__}: {e}".strip()[:500]
                 warnings.warn(f"decode attention kernel not built, decode steps use SDPA ({error})", RuntimeWarning)
         return _loaded
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernel is built and cached: torch's extension directory (or $TORCH_EXTENSIONS_DIR), one
+    folder per torch version (torch's builder rebuilds when the source or flags change, not when torch
+    does). A lock file older than STALE_LOCK_SECONDS is removed: it was left by a process killed while
+    building (Ctrl-C in the first seconds of serve.py), and torch's builder would wait for it forever."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    directory = root / f"{name}-torch-{torch.__version__}"
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    return directory
 
 
 def _shape(query, key, value, valid_length, scale):

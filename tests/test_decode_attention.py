@@ -109,3 +109,19 @@ def test_a_kernel_that_cannot_be_built_leaves_sdpa_with_a_warning(monkeypatch):
         assert decode_attention.load() is False
     assert "Ninja is required" in decode_attention.error
     assert any("decode steps use SDPA" in str(w.message) for w in caught)
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    directory = decode_attention.build_directory("kernel")
+    assert directory.parent == tmp_path and torch.__version__ in directory.name  # one build per torch version
+    lock = directory / "lock"
+    lock.touch()  # a build in progress (another process): left alone
+    assert decode_attention.build_directory("kernel") == directory and lock.exists()
+    old = time.time() - decode_attention.STALE_LOCK_SECONDS - 60  # a process killed while building
+    os.utime(lock, (old, old))
+    decode_attention.build_directory("kernel")
+    assert not lock.exists()
