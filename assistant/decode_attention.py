@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -53,6 +54,7 @@ def load() -> bool:
             try:
                 from torch.utils import cpp_extension
 
+                _put_ninja_on_path()
                 isa, flags = _isa_flags()
                 name = f"assistant_decode_attention_{isa}"
                 # -ffast-math: exp vectorised (glibc's libmvec); the kernel uses no infinities or NaNs
@@ -67,6 +69,16 @@ def load() -> bool:
                 error = f"{type(e).__name__}: {e}".strip()[:500]
                 warnings.warn(f"decode attention kernel not built, decode steps use SDPA ({error})", RuntimeWarning)
         return _loaded
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's copy is not there when the environment's
+    python is run by its full path without activating it."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def build_directory(name: str) -> Path:

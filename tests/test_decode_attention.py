@@ -125,3 +125,14 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     decode_attention.build_directory("kernel")
     assert not lock.exists()
+
+
+def test_the_pip_ninja_is_found_without_an_activated_environment(monkeypatch):
+    import shutil
+
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    decode_attention._put_ninja_on_path()  # as load() does before building
+    assert shutil.which("ninja") is not None and ninja.BIN_DIR in shutil.which("ninja")
