@@ -15,7 +15,7 @@ the query heads that share it, positions split evenly over the threads), or wher
 through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
 Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
-steps, 4.0-4.8x plain transformers `generate` in fp32, 0.48-0.54x llama.cpp. Compiling takes 2-2.5 minutes the first time
+steps, 3.8-4.8x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies). Compiling takes 2-2.5 minutes the first time
 (inductor caches the result on disk, keyed by a digest of the weights; about 40 s afterwards), so it
 runs in a background thread at load, ends with a check that one compiled step agrees with the eager
 one, and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of
