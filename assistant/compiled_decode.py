@@ -15,13 +15,13 @@ the query heads that share it, positions split evenly over the threads), or wher
 through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
 Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
-steps, 3.8-4.8x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies). Compiling takes 2-2.5 minutes the first time
-(inductor caches the result on disk, keyed by a digest of the weights; about 40 s afterwards), so it
-runs in a background thread at load, ends with a check that one compiled step agrees with the eager
-one, and decoding uses the eager path until it is ready, or whenever it cannot be used: batches of
-several rows, padded rows, a context longer than the static cache, a second reply generated at the same
-time, a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and
-warned once).
+steps, 3.8-4.8x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies).
+Compiling takes 2-2.5 minutes the first time (inductor caches the result on disk, keyed by a digest of
+the weights; about 40 s afterwards), so it runs in a background thread at load, ends with a check that
+one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
+whenever it cannot be used: batches of several rows, padded rows, a context longer than the static
+cache, a second reply generated at the same time, a compiler missing or failing, a failed check (the
+error is kept in `CompiledDecoder.error` and warned once).
 
 Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
 token come here. The prompt's keys and values are copied into the static cache before the first step
@@ -307,7 +307,8 @@ class CompiledDecoder:
         # cpp.min_chunk_size: the small elementwise kernels (SiLU * up over 1,536 values...) stay on one thread;
         # waking the other costs more than it saves (A/Bs: 138.6 vs 131.7, 138.9 vs 137.2, 119.3 vs 116.7
         # after a 398-token prompt); the GEMM templates split their work over the threads regardless
-        with inductor.patch({"freezing": True, "max_autotune": True, "cpp_wrapper": True, "cpp.min_chunk_size": 8192}), \
+        options = {"freezing": True, "max_autotune": True, "cpp_wrapper": True, "cpp.min_chunk_size": 8192}
+        with inductor.patch(options), \
                 torch.compiler.config.patch(cache_key_tag=tag), \
                 torch.inference_mode(), self._busy:
             for k in range(WARM_UP_STEPS):
