@@ -56,11 +56,13 @@ def build_app(engine, args):
     return gr.mount_gradio_app(app, demo, path="/", auth=auth), demo
 
 
-def report_compiled_decode(decoder) -> None:
-    """Say on stderr that the decode steps compile in the background, and when they are ready (or not)."""
+def compile_decode_steps(decoder) -> None:
+    """Start compiling the decode steps in the background, and say so on stderr, and when they are ready."""
     if decoder is None:
         return
     import threading
+
+    decoder.start()
 
     print("note: compiling the decode steps in the background (about 2 minutes the first time); replies "
           "use the eager int8 steps until then (--no-compile: always)", file=sys.stderr, flush=True)
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
 
     def load():  # on the engine thread, which then computes every reply (engine_thread.py says why)
         model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
-                                      compile_decode=not args.no_compile)
+                                      compile_decode=False if args.no_compile else "deferred")
         return Engine(model, processor)
 
     try:
@@ -102,8 +104,9 @@ def main(argv=None) -> int:
     args.model_name = "default" if args.model == "default" else os.path.basename(os.path.normpath(args.model))
     if not model.config.trained:
         print(f"note: {model.config.description}", file=sys.stderr)
-    report_compiled_decode(getattr(model, "compiled_decoder", None))
     app, demo = build_app(engine, args)
+    # only now: compiling beside building the app made the server take 60 s to come up instead of 14
+    compile_decode_steps(getattr(model, "compiled_decoder", None))
     if args.share:
         demo.launch(server_name=args.host, server_port=args.port, share=True,
                     auth=tuple(args.auth.split(":", 1)) if args.auth else None)

@@ -20,14 +20,15 @@ class ModelSpecError(ValueError):
 
 
 def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None, merge_adapter: bool = False,
-               compile_decode: bool = False):
+               compile_decode: bool | str = False):
     """Resolve a model spec and load it -> (model, processor).
 
     `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
     torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
     adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does).
     `compile_decode`: with int8 on a CPU with fast bf16, also start compiling the batch-1 decode steps in the
-    background (compiled_decode.py; `model.compiled_decoder`)."""
+    background (compiled_decode.py; `model.compiled_decoder`); "deferred": make the decoder but let the caller
+    start it (serve.py does once its server is built: compiling alongside slows that down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
@@ -37,7 +38,8 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
 
         context = getattr(model.llm.config, "max_position_embeddings", 2048)
         try:
-            model.compiled_decoder = CompiledDecoder(model.llm, max_length=min(context, 4096)).start()
+            decoder = CompiledDecoder(model.llm, max_length=min(context, 4096))
+            model.compiled_decoder = decoder if compile_decode == "deferred" else decoder.start()
         except Exception as e:  # an LLM class without StaticCache / attention-interface support
             warnings.warn(f"compiled decode steps are off for this LLM, decoding stays eager ({e})", RuntimeWarning)
     if mode in AFTER_LOADING:  # smoothed int8 linear layers (quantization.py says how and what it costs)

@@ -77,3 +77,14 @@ def test_multi_turn_and_plain_chat(engine):
     reply = engine.chat(chat, GenerationConfig(max_new_tokens=40))
     print(reply)
     assert "Paris" in reply and len(reply.split()) >= 3
+
+
+def test_deferred_decode_compilation_waits_for_its_caller():
+    """serve.py loads with compile_decode="deferred" and starts compiling once its server is built."""
+    from assistant.quantization import bf16_matmul_is_fast
+
+    if not bf16_matmul_is_fast():
+        pytest.skip("the compiled decode steps are only made where bf16 is fast")
+    model, _ = load_model("default", quantize="int8", compile_decode="deferred")
+    decoder = model.compiled_decoder
+    assert decoder._thread is None and not decoder.ready.is_set()  # nothing compiles until started
