@@ -65,7 +65,7 @@ def grouped_decode_sdpa(module, query, key, value, attention_mask, **kwargs):
     valid = kwargs.get("valid_length")
     if query.shape[2] != 1 or valid is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if query.dtype == torch.bfloat16 and decode_attention.supports(module):
+    if decode_attention.supports(module, query.dtype):
         return decode_attention.decode_attention(query, key, value, valid, module.scaling).transpose(1, 2), None
     batch, heads, _, dim = query.shape
     stacked = query.reshape(batch, heads // groups, groups, dim)

@@ -79,14 +79,16 @@ inline fvec hsum16(const fvec* v) {
   return t[0];
 }
 
-// The partial softmax of G query rows (q, already scaled) over key/value rows [0, n):
+// The partial softmax of G query rows (query, q_stride apart) over key/value rows [0, n):
 // maximum[g], total[g] = sum of exp(score - maximum), acc[g] = sum of exp(score - maximum) * value row
 template <int D, int G>
-void attend_span(const fvec (&rows)[G][D / W], const at::BFloat16* k, const at::BFloat16* v, int64_t row_stride,
-                 int64_t n, float* maximum, float* total, float* acc, std::vector<float>& buffer) {
+void attend_span(const at::BFloat16* query, int64_t q_stride, float scale, const at::BFloat16* k,
+                 const at::BFloat16* v, int64_t row_stride, int64_t n, float* maximum, float* total, float* acc,
+                 std::vector<float>& buffer) {
   constexpr int C = D / W;
-  fvec q[G][C];  // a local copy: stores through float pointers below could alias the caller's array,
-  std::memcpy(q, rows, sizeof(q));  // which would make the compiler reload it at every position
+  fvec q[G][C];  // local, so that the compiler keeps it in registers across positions
+  for (int g = 0; g < G; g++)
+    for (int c = 0; c < C; c++) q[g][c] = load_bf16(query + g * q_stride + c * W) * scale;
   buffer.resize(G * n);
   float* scores = buffer.data();
   int64_t p = 0;
@@ -161,10 +163,6 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
     for (int64_t item = begin; item < end; item++) {
       const int64_t b = item / (kv_heads * spans), h = item / spans % kv_heads, s = item % spans;
       const int64_t first = s * span, n = std::min(length, first + span) - first;
-      fvec rows[G][C];
-      for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++)
-          rows[g][c] = load_bf16(q + b * query.stride(0) + (h * G + g) * query.stride(1) + c * W) * scale;
       if (n <= 0) {  // an empty span (possible only at the end): contributes nothing
         std::fill_n(maximum.data() + item * G, G, -FLT_MAX);
         std::fill_n(total.data() + item * G, G, 0.f);
@@ -172,8 +170,9 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         continue;
       }
       const int64_t offset = b * key.stride(0) + h * key.stride(1) + first * key.stride(2);
-      attend_span<D, G>(rows, k + offset, v + offset, key.stride(2), n, maximum.data() + item * G,
-                        total.data() + item * G, acc.data() + item * G * D, buffer);
+      attend_span<D, G>(q + b * query.stride(0) + h * G * query.stride(1), query.stride(1), scale, k + offset,
+                        v + offset, key.stride(2), n, maximum.data() + item * G, total.data() + item * G,
+                        acc.data() + item * G * D, buffer);
     }
   });
   auto* o = out.data_ptr<at::BFloat16>();

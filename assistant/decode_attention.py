@@ -100,10 +100,11 @@ def _shape(query, key, value, valid_length, scale):
     return query.new_empty(query.shape)
 
 
-def supports(module) -> bool:
-    """Whether the kernel is loaded and takes this attention module's shapes (bf16 is checked by the kernel)."""
+def supports(module, dtype=torch.bfloat16) -> bool:
+    """Whether the kernel is loaded and takes this attention module's shapes and this dtype (bf16 only)."""
     groups = getattr(module, "num_key_value_groups", 1)
-    return bool(_loaded) and getattr(module, "head_dim", None) in HEAD_DIMS and 1 <= groups <= MAX_GROUPS
+    return (bool(_loaded) and dtype == torch.bfloat16 and getattr(module, "head_dim", None) in HEAD_DIMS
+            and 1 <= groups <= MAX_GROUPS)
 
 
 def decode_attention(query, key, value, valid_length: int, scale: float):

@@ -86,6 +86,7 @@ def test_decode_steps_use_the_kernel_where_it_takes_the_shapes_and_sdpa_elsewher
     query = torch.randn(1, 9, 1, 64, dtype=torch.bfloat16)
     key, value = (torch.randn(1, 3, 64, 64, dtype=torch.bfloat16) for _ in range(2))
     assert decode_attention.supports(module)
+    assert not decode_attention.supports(module, torch.float32)  # bf16 caches only
     with_kernel, _ = grouped_decode_sdpa(module, query, key, value, None, valid_length=40)
     monkeypatch.setattr(decode_attention, "_loaded", False)  # as where it could not be built
     assert not decode_attention.supports(module)
