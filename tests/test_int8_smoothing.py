@@ -1,6 +1,7 @@
 """The CPU int8 path's layers: SmoothQuant factors rescue a layer whose input has an outlier channel;
 prompt rows can go through bf16 (close to fp32) while decode rows keep their fp32 or int8 path."""
 
+import pytest
 import torch
 
 from assistant.quantization import (Bf16PromptLinear, SmoothedInt8Linear, _dynamic_int8, bf16_matmul_is_fast,
@@ -42,3 +43,26 @@ def test_bf16_prompt_rows_stay_close_and_few_rows_take_the_other_path():
             assert out.dtype == torch.float32 and not torch.equal(out, few_rows(x_long))
             assert ((out - reference).norm() / reference.norm()).item() < 0.01  # bf16: ~3 digits
     assert isinstance(bf16_matmul_is_fast(), bool)
+
+
+def test_bf16_speed_on_x86_follows_the_cpu_flags_not_a_timing(monkeypatch):
+    """A timing taken while the test suite loaded the CPU said "slow" on this AMX machine, and the
+    compiled decode steps and bf16 prompt rows were left off: on x86 the instructions decide."""
+    import platform
+
+    from assistant import quantization
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(quantization, "bf16_timing_says_fast", lambda *a, **k: pytest.fail("timed on x86"))
+    try:
+        for amx, avx512_bf16, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+            bf16_matmul_is_fast.cache_clear()
+            assert bf16_matmul_is_fast() is expected
+        monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # no such flags there: a timing decides
+        monkeypatch.setattr(quantization, "bf16_timing_says_fast", lambda *a, **k: True)
+        bf16_matmul_is_fast.cache_clear()
+        assert bf16_matmul_is_fast() is True
+    finally:
+        bf16_matmul_is_fast.cache_clear()
