@@ -368,9 +368,20 @@ class CompiledDecoder:
 
     @torch.inference_mode()
     def _load(self, cache) -> None:
-        self.cache.reset()  # static layers write where their own count of held positions says: back to 0
+        self._rewind()
         for layer, dynamic in enumerate(cache.layers):
             self.cache.update(dynamic.keys.to(self.llm.dtype), dynamic.values.to(self.llm.dtype), layer)
+
+    def _rewind(self) -> None:
+        """Static layers write where their own count of held positions says: back to 0. Only the counts:
+        what lies past them is never read (the attention stops at `valid_length`), and zeroing all
+        `max_length` positions as `reset()` does took 5 ms of the wait for a reply's second token."""
+        counts = [getattr(layer, "cumulative_length", None) for layer in self.cache.layers]
+        if all(isinstance(count, torch.Tensor) for count in counts):
+            for count in counts:
+                count.zero_()
+        else:  # another transformers version's layers
+            self.cache.reset()
 
     @torch.inference_mode()
     def _store(self, cache, start: int, count: int) -> None:

@@ -85,6 +85,34 @@ def test_compiled_steps_match_eager_steps_and_hand_back_the_cache(decoder):
     assert torch.allclose(after.float(), reference.float(), atol=0.05 * reference.abs().max().item())
 
 
+@torch.inference_mode()
+def test_a_reply_reads_nothing_an_earlier_longer_one_left_in_the_static_cache(decoder):
+    """Between replies only the static cache's position counts go back to 0 (zeroing all of it took 5 ms a
+    reply): whatever lies past the new reply's length must never reach its attention."""
+    llm = decoder.llm
+    long_prompt = torch.arange(100, 140)[None]
+    cache = DynamicCache(config=llm.config)
+    llm(input_ids=long_prompt, past_key_values=cache, use_cache=True)
+    with decoder.steps(cache, torch.ones_like(long_prompt), 8) as step:
+        for t in range(8):
+            step(torch.tensor([200 + t]))
+    for layer in decoder.cache.layers:  # and garbage everywhere, to be sure nothing past the length is read
+        layer.keys.fill_(50.0)
+        layer.values.fill_(-50.0)
+    prompt = torch.tensor([[1, 17, 305, 9]])
+    tokens = [31, 502, 77]
+    eager_cache = DynamicCache(config=llm.config)
+    llm(input_ids=prompt, past_key_values=eager_cache, use_cache=True)
+    eager = [llm(input_ids=torch.tensor([[t]]), past_key_values=eager_cache, use_cache=True).logits[:, -1]
+             for t in tokens]
+    cache = DynamicCache(config=llm.config)
+    llm(input_ids=prompt, past_key_values=cache, use_cache=True)
+    with decoder.steps(cache, torch.ones_like(prompt), max_new_tokens=len(tokens)) as step:
+        compiled = [step(torch.tensor([t])) for t in tokens]
+    for ours, reference in zip(compiled, eager):
+        assert torch.allclose(ours.float(), reference.float(), atol=0.05 * reference.abs().max().item())
+
+
 def test_steps_step_aside_for_what_they_cannot_take(decoder):
     llm = decoder.llm
     prompt = torch.tensor([[1, 17, 305], [1, 18, 306]])
