@@ -325,7 +325,7 @@ class CompiledDecoder:
         tokens = [vocab * k // (length + 2) for k in range(1, length + 1)]
         logits = []
         for step in (self._step, self._compiled):
-            self.cache.reset()
+            self._rewind()  # the same rewind as before every reply
             for position, token in enumerate(tokens[:-1]):
                 self._step(torch.tensor([[token]]), torch.tensor([position]), position + 1)
             logits.append(step(torch.tensor([[tokens[-1]]]), torch.tensor([length - 1]), length).float())

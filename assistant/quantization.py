@@ -108,7 +108,7 @@ def bf16_matmul_is_fast(size: int = 768, rows: int = 64) -> bool:
 
     cpu = torch.cpu
     if platform.machine().lower() in ("x86_64", "amd64") and hasattr(cpu, "_is_avx512_bf16_supported"):
-        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)() or cpu._is_avx512_bf16_supported())
     return bf16_timing_says_fast(size, rows)
 
 
