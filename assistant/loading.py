@@ -31,10 +31,10 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     start it (serve.py does once its server is built: compiling alongside slows that down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
-    if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
-        model.llm = model.llm.merge_and_unload()  # no LoRA matmuls per token
     if mode in AFTER_LOADING and compile_decode and bf16_matmul_is_fast():
-        from .compiled_decode import CompiledDecoder  # made from the fp32 weights, before they become int8
+        # made from the fp32 weights before they become int8, and before the adapter is merged (the decode
+        # steps keep 4-bit base weights as they are, with the adapter beside them: compiled_decode.py)
+        from .compiled_decode import CompiledDecoder
 
         context = getattr(model.llm.config, "max_position_embeddings", 2048)
         try:
@@ -42,6 +42,8 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
             model.compiled_decoder = decoder if compile_decode == "deferred" else decoder.start()
         except Exception as e:  # an LLM class without StaticCache / attention-interface support
             warnings.warn(f"compiled decode steps are off for this LLM, decoding stays eager ({e})", RuntimeWarning)
+    if (merge_adapter or mode in AFTER_LOADING) and isinstance(model.llm, PeftModel) and mode not in BITSANDBYTES:
+        model.llm = model.llm.merge_and_unload()  # no LoRA matmuls per token
     if mode in AFTER_LOADING:  # smoothed int8 linear layers (quantization.py says how and what it costs)
         model = calibrate_and_quantize_int8(model, processor)
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it

@@ -10,7 +10,11 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from assistant import decode_attention
 from assistant.builder import build_model
-from assistant.compiled_decode import CompiledDecoder, Int8WeightOnlyLinear, RescoredLMHead, rescored_head
+from peft import LoraConfig, get_peft_model
+
+from assistant import compiled_decode
+from assistant.compiled_decode import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
+                                       exact_int4_grid, int4_grid, rescored_head, weight_only_copy)
 from assistant.engine import ChatSession, Engine
 from assistant.generation import GenerationConfig
 from helpers import random_image, tiny_config
@@ -223,3 +227,95 @@ def test_compiled_steps_that_disagree_with_eager_steps_stay_off(model_and_proces
     with pytest.warns(RuntimeWarning, match="decoding stays eager"):
         assert decoder.start().wait(timeout=120) is False
     assert "disagrees with the eager step" in decoder.error
+
+
+# ---- weights that already lie on a 4-bit grid (the bundled SmolLM2 is a Q4_1 GGUF), with a LoRA adapter --------
+
+def snapped_to_int4_grid(module):
+    """Every linear layer's weights moved to their nearest 4-bit grid, as a Q4_1 GGUF file's weights lie."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear):
+                codes, scale, low = int4_grid(m.weight)
+                groups = low[..., None] + scale[..., None] * codes.reshape(*scale.shape, -1).float()
+                m.weight.copy_(groups.reshape(m.weight.shape))
+    return module
+
+
+def grid_llama(adapter_on=None):
+    """A tiny Llama on a 4-bit grid, with a LoRA adapter (random B, so it changes the outputs) on `adapter_on`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    llm = snapped_to_int4_grid(LlamaForCausalLM(config)).eval()
+    if adapter_on is None:
+        return llm
+    return get_peft_model(llm, LoraConfig(r=4, lora_alpha=8, target_modules=adapter_on, init_lora_weights=False)).eval()
+
+
+@torch.inference_mode()
+def test_int4_weights_on_their_grid_are_taken_as_they_are_with_the_adapter_beside_them():
+    torch.manual_seed(0)
+    linear = snapped_to_int4_grid(torch.nn.Linear(96, 48))
+    assert exact_int4_grid(torch.nn.Linear(96, 48).weight) is None  # ordinary weights are not on a grid
+    grid = exact_int4_grid(linear.weight)
+    assert grid is not None
+    a, b = torch.randn(4, 96) * 0.1, torch.randn(48, 4) * 0.1
+    x = torch.randn(5, 96)
+    reference = x @ (linear.weight + b @ a).T + linear.bias
+    ours = Int4WeightOnlyLinear(linear, grid, (a, b), dtype=torch.float32)(x)
+    assert ((ours - reference).norm() / reference.norm()).item() < 1e-5  # exact but for fp32 arithmetic
+    in_bf16 = Int4WeightOnlyLinear(linear, grid, (a, b))(x.bfloat16()).float()
+    assert ((in_bf16 - reference).norm() / reference.norm()).item() < 0.01
+    plain = Int4WeightOnlyLinear(linear, grid, dtype=torch.float32)(x)
+    assert torch.allclose(plain, linear(x), atol=1e-4)
+
+
+@torch.inference_mode()
+def test_the_decode_copy_keeps_4_bit_layers_int4_and_their_adapter_where_it_pays(monkeypatch):
+    model = grid_llama(adapter_on="all-linear")
+    merged = copy.deepcopy(model).merge_and_unload()
+    prompt = torch.tensor([[1, 17, 305, 9, 44]])
+    reference = merged(input_ids=prompt).logits.float()
+
+    def layers(fast):
+        block = fast.model.layers[0]
+        return [block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj]
+
+    def close(fast):
+        logits = fast(input_ids=prompt).logits.float()
+        return ((logits - reference).norm() / reference.norm()).item() < 0.02
+
+    # the tiny layers are below LORA_SIDE_PATH_MIN_WEIGHTS: adapter merged, int8
+    fast = weight_only_copy(model)
+    assert all(type(x) is Int8WeightOnlyLinear for x in layers(fast)) and close(fast)
+    monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)  # as for large layers
+    fast = weight_only_copy(model)
+    assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is not None for x in layers(fast)) and close(fast)
+    assert fast.model.layers[0].self_attn.qkv_proj.lora_a.shape == (12, 64)  # q, k, v's A stacked, B block-diagonal
+    assert hasattr(model.get_base_model().model.layers[0].self_attn.q_proj, "lora_A")  # the model itself untouched
+    # no adapter: every layer int4; an adapter on some fused parts only: merged into them, int8
+    plain = grid_llama()
+    assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is None for x in layers(weight_only_copy(plain)))
+    partial = layers(weight_only_copy(grid_llama(adapter_on=["q_proj"])))
+    assert type(partial[0]) is Int8WeightOnlyLinear and type(partial[1]) is Int4WeightOnlyLinear
+
+
+def test_compiled_int4_steps_with_the_adapter_beside_them_match_the_merged_model(monkeypatch):
+    monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)
+    model = grid_llama(adapter_on="all-linear")
+    merged = copy.deepcopy(model).merge_and_unload()
+    decoder = CompiledDecoder(model, max_length=64).start()
+    assert decoder.wait(timeout=600), decoder.error
+    assert isinstance(decoder.llm.model.layers[0].mlp.gate_up_proj, Int4WeightOnlyLinear)
+    prompt, tokens = torch.tensor([[1, 17, 305, 9]]), [31, 502, 77]
+    with torch.inference_mode():
+        reference_cache, cache = DynamicCache(config=merged.config), DynamicCache(config=merged.config)
+        merged(input_ids=prompt, past_key_values=reference_cache, use_cache=True)
+        merged(input_ids=prompt, past_key_values=cache, use_cache=True)
+        reference = [merged(input_ids=torch.tensor([[t]]), past_key_values=reference_cache, use_cache=True).logits[:, -1]
+                     for t in tokens]
+        with decoder.steps(cache, torch.ones_like(prompt), max_new_tokens=len(tokens)) as step:
+            ours = [step(torch.tensor([t])).float() for t in tokens]
+    for mine, theirs in zip(ours, reference):
+        assert torch.allclose(mine, theirs, atol=0.05 * theirs.abs().max().item())
