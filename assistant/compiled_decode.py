@@ -58,9 +58,10 @@ ATTENTION = "grouped_decode_sdpa"
 WARM_UP_STEPS = 4  # distinct lengths, so that the graph is compiled for a symbolic one
 INT4_GROUP = 32  # weights per scale and zero point along a row: Q4_1's blocks, and torch's int4 kernels take it
 # A LoRA adapter on an int4 layer costs two small matmuls a step (merged, it would move the weights off their
-# grid); they pay for themselves only on large layers. Default model, same-process A/B (tokens/s, int8 147.1):
-# gate/up (576 x 3,072) int4 with its adapter beside it 156.2; gate/up and down (576 x 1,536) 151.8; every
-# layer 125-130. Below this many weights a layer with an adapter stays int8, adapter merged.
+# grid); they pay for themselves only on large layers. Default model, same-process A/Bs (tokens/s): gate/up
+# (576 x 3,072) int4 with its adapter beside it 156.2 against all-int8 147.1; every layer so 125.3 against
+# 141.1; gate/up and down (576 x 1,536) 151.8 against gate/up alone 154.9 (with the adapter in a C++ operator).
+# Below this many weights a layer with an adapter stays int8, adapter merged.
 LORA_SIDE_PATH_MIN_WEIGHTS = 1 << 20
 
 
@@ -147,15 +148,18 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scale_zero", scale_zero)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
-        self.register_buffer("lora_a", None if lora is None else lora[0].detach().to(dtype))
-        self.register_buffer("lora_b", None if lora is None else lora[1].detach().to(dtype))
+        # as batched products (1, in, rank) and (1, rank, out): inductor gives bf16 linear layers and 2-D matmuls
+        # oneDNN-packed weights, and never keeps a graph holding those in its disk cache (3 minutes to compile
+        # at every start instead of 40 s)
+        self.register_buffer("lora_a", None if lora is None else lora[0].detach().t()[None].contiguous().to(dtype))
+        self.register_buffer("lora_b", None if lora is None else lora[1].detach().t()[None].contiguous().to(dtype))
         self.group = group
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
         if self.lora_a is not None:
-            y = y + torch.nn.functional.linear(torch.nn.functional.linear(flat, self.lora_a), self.lora_b)
+            y = y + torch.bmm(torch.bmm(flat[None], self.lora_a), self.lora_b)[0]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1)

@@ -292,7 +292,7 @@ def test_the_decode_copy_keeps_4_bit_layers_int4_and_their_adapter_where_it_pays
     monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)  # as for large layers
     fast = weight_only_copy(model)
     assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is not None for x in layers(fast)) and close(fast)
-    assert fast.model.layers[0].self_attn.qkv_proj.lora_a.shape == (12, 64)  # q, k, v's A stacked, B block-diagonal
+    assert fast.model.layers[0].self_attn.qkv_proj.lora_a.shape == (1, 64, 12)  # q, k, v's A stacked, B block-diagonal
     assert hasattr(model.get_base_model().model.layers[0].self_attn.q_proj, "lora_A")  # the model itself untouched
     # no adapter: every layer int4; an adapter on some fused parts only: merged into them, int8
     plain = grid_llama()
