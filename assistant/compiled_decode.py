@@ -18,7 +18,8 @@ the query heads that share it, positions split evenly over the threads), or wher
 through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
 Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
-steps, 3.8-4.8x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies).
+steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.52x and
+0.54x since gate/up stay int4).
 Compiling takes 2-2.5 minutes the first time (inductor caches the result on disk, keyed by a digest of
 the weights; about 40 s afterwards), so it runs in a background thread at load, ends with a check that
 one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
@@ -258,7 +259,8 @@ def fuse_projections(llm, adapters: dict | None = None) -> None:
         parts = [f"{prefix}.{n}" for n in names]
         if all(p in adapters for p in parts):
             factors = [adapters.pop(p) for p in parts]
-            adapters[f"{prefix}.{fused}"] = (torch.cat([a for a, _ in factors]), torch.block_diag(*[b for _, b in factors]))
+            adapters[f"{prefix}.{fused}"] = (torch.cat([a for a, _ in factors]),
+                                             torch.block_diag(*[b for _, b in factors]))
         else:  # an adapter on some parts only: merged into them
             for p, n in zip(parts, names):
                 merge_lora(getattr(module, n), adapters.pop(p, None))
@@ -278,11 +280,15 @@ def lora_factors(llm):
         return copy.deepcopy(llm), {}
     if not isinstance(llm, PeftModel):
         return copy.deepcopy(llm), {}
-    layers = {n: m for n, m in llm.get_base_model().named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-    plain = all(type(m) is LoraLinear and len(m.active_adapters) == 1 and not m.use_dora.get(m.active_adapters[0])
-                and not getattr(m, "fan_in_fan_out", False) and not m.lora_bias.get(m.active_adapters[0], False)
-                and m.active_adapters[0] in m.lora_A for m in layers.values())
-    if not plain:  # DoRA, several adapters, biases...: merged, as the eager path does
+    layers = {n: m for n, m in llm.get_base_model().named_modules()
+              if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+    def plain(m):
+        adapter = m.active_adapters[0] if len(m.active_adapters) == 1 else None
+        return (type(m) is LoraLinear and adapter in m.lora_A and not m.use_dora.get(adapter)
+                and not getattr(m, "fan_in_fan_out", False) and not getattr(m, "lora_bias", {}).get(adapter, False))
+
+    if not all(plain(m) for m in layers.values()):  # DoRA, several adapters, biases...: merged, as eager steps do
         return copy.deepcopy(llm).merge_and_unload(), {}
     adapters = {}
     for name, m in layers.items():

@@ -313,8 +313,8 @@ def test_compiled_int4_steps_with_the_adapter_beside_them_match_the_merged_model
         reference_cache, cache = DynamicCache(config=merged.config), DynamicCache(config=merged.config)
         merged(input_ids=prompt, past_key_values=reference_cache, use_cache=True)
         merged(input_ids=prompt, past_key_values=cache, use_cache=True)
-        reference = [merged(input_ids=torch.tensor([[t]]), past_key_values=reference_cache, use_cache=True).logits[:, -1]
-                     for t in tokens]
+        reference = [merged(input_ids=torch.tensor([[t]]), past_key_values=reference_cache,
+                            use_cache=True).logits[:, -1] for t in tokens]
         with decoder.steps(cache, torch.ones_like(prompt), max_new_tokens=len(tokens)) as step:
             ours = [step(torch.tensor([t])).float() for t in tokens]
     for mine, theirs in zip(ours, reference):
