@@ -45,6 +45,8 @@ import types
 import warnings
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
 from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -273,11 +275,6 @@ def lora_factors(llm):
     """(a deep copy of `llm` without its LoRA adapter, {linear layer's name: (A, B * scaling)}) for a peft
     LoRA model of one plain adapter; (a deep copy with the adapter merged, {}) for any other peft model;
     (a deep copy, {}) for a model without one."""
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return copy.deepcopy(llm), {}
     if not isinstance(llm, PeftModel):
         return copy.deepcopy(llm), {}
     layers = {n: m for n, m in llm.get_base_model().named_modules()
@@ -327,8 +324,10 @@ def weight_only_copy(llm, dtype=torch.bfloat16):
 
 
 def _weight_only_linear(linear: torch.nn.Linear, lora, dtype):
-    grid = exact_int4_grid(linear.weight)
-    if grid is not None and (lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS):
+    # the grid is looked for only where int4 could be used: it is most of the copy's time at load
+    int4_pays = lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS
+    grid = exact_int4_grid(linear.weight) if int4_pays else None
+    if grid is not None:
         try:
             return Int4WeightOnlyLinear(linear, grid, lora, dtype)
         except RuntimeError:  # an older torch, rows not a multiple of what its int4 packing takes...

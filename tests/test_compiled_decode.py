@@ -6,13 +6,11 @@ import copy
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from assistant import decode_attention
+from assistant import compiled_decode, decode_attention
 from assistant.builder import build_model
-from peft import LoraConfig, get_peft_model
-
-from assistant import compiled_decode
 from assistant.compiled_decode import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
                                        exact_int4_grid, int4_grid, rescored_head, weight_only_copy)
 from assistant.engine import ChatSession, Engine
