@@ -9,6 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from .checkpoint import is_checkpoint, load_checkpoint
+from .cpu_attention import use_cpu_grouped_sdpa
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
 from .quantization import (AFTER_LOADING, BITSANDBYTES, bf16_matmul_is_fast, calibrate_and_quantize_int8,
@@ -47,6 +48,7 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     if mode in AFTER_LOADING:  # smoothed int8 linear layers (quantization.py says how and what it costs)
         model = calibrate_and_quantize_int8(model, processor)
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
+    use_cpu_grouped_sdpa(model.llm)  # prompts' attention on the CPU without per-head copies (cpu_attention.py)
     return model, processor
 
 

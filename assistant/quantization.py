@@ -11,7 +11,7 @@
   come from a short fp32 calibration run at load time (a few drawn images and text prompts, about
   5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8.
   Where the CPU has fast bf16 matrix units (checked at load), prompt rows run in bf16 instead: from 16
-  rows in the MLP output projections, from 128 rows elsewhere (below that int8 is as fast).
+  rows in the MLP output projections, from 32 rows elsewhere (below that int8 is as fast).
   Measured on the default model (README): easy-VQA 99.11% against fp32's 99.12% (plain dynamic int8
   prompts: 0.7-0.9 points below); batch VQA about 2x faster. "auto" picks it on a CPU, "none" keeps fp32.
   torchao's int8 paths were measured too and were slower on this CPU in eager mode (they dequantise the
@@ -161,8 +161,10 @@ def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
             replacement = Bf16PromptLinear(module, module, min_rows=16) if bf16_prompts else module
         elif name in input_ranges and module is not llm.get_output_embeddings():
             replacement = SmoothedInt8Linear(module, input_ranges[name])
-            if bf16_prompts:  # against int8, bf16 wins from about 128 rows (measured, 576-wide layers)
-                replacement = Bf16PromptLinear(module, replacement, min_rows=128)
+            # against smoothed int8, bf16 wins from about 32 rows (576-wide layers, AMX; 128 was measured before
+            # torch 2.13 and this machine's AMX; VQA A/B at 32 against 128: batch 16 +2.5%, batch 1 +7%, same answers)
+            if bf16_prompts:
+                replacement = Bf16PromptLinear(module, replacement, min_rows=32)
         else:
             replacement = _dynamic_int8(module)
         llm.set_submodule(name, replacement)
@@ -173,8 +175,12 @@ def calibrate_and_quantize_int8(model, processor):
     """`quantize_int8` on a vision-language model, calibrated by answering a few questions in fp32 about
     drawn images (shapes, a gradient) and a few text-only prompts through the real engine."""
     from .engine import ChatSession, Engine
+    from .fused_projections import fuse_projections
     from .generation import GenerationConfig
 
+    # query/key/value and gate/up as one layer each (fused_projections.py) before the calibration, so that each
+    # fused layer is smoothed and quantised as one: fewer products and input conversions per prompt
+    fuse_projections(model.llm)
     engine = Engine(model, processor)
 
     def run():

@@ -58,8 +58,8 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
     from assistant.quantization import SmoothedInt8Linear
 
-    layer = quant.llm.model.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+    layer = quant.llm.model.layers[0]  # query/key/value and gate/up fused (fused_projections.py)
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
         linear = getattr(linear, "few_rows", linear)  # on a CPU with fast bf16, prompts bypass int8
         assert isinstance(linear, SmoothedInt8Linear)  # calibrated at load time
         assert isinstance(linear.linear, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
