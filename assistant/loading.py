@@ -21,15 +21,16 @@ class ModelSpecError(ValueError):
 
 
 def load_model(spec: str = "default", *, quantize: str | None = None, device_map=None, merge_adapter: bool = False,
-               compile_decode: bool | str = False):
+               compile_decode: bool | str = False, decode_batch_size: int = 1):
     """Resolve a model spec and load it -> (model, processor).
 
     `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
     torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
     adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does).
-    `compile_decode`: with int8 on a CPU with fast bf16, also start compiling the batch-1 decode steps in the
-    background (compiled_decode.py; `model.compiled_decoder`); "deferred": make the decoder but let the caller
-    start it (serve.py does once its server is built: compiling alongside slows that down 4x)."""
+    `compile_decode`: with int8 on a CPU with fast bf16, also start compiling the decode steps for generations
+    of `decode_batch_size` rows in the background (compiled_decode.py; `model.compiled_decoder`): 1 for chat,
+    the batch size for batch VQA; "deferred": make the decoder but let the caller start it (serve.py does once
+    its server is built: compiling alongside slows that down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if mode in AFTER_LOADING and compile_decode and bf16_matmul_is_fast():
@@ -39,7 +40,8 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
 
         context = getattr(model.llm.config, "max_position_embeddings", 2048)
         try:
-            decoder = CompiledDecoder(model.llm, max_length=min(context, 4096))
+            decoder = CompiledDecoder(model.llm, max_length=min(context, decode_cache_length(decode_batch_size)),
+                                      batch_size=decode_batch_size)
             model.compiled_decoder = decoder if compile_decode == "deferred" else decoder.start()
         except Exception as e:  # an LLM class without StaticCache / attention-interface support
             warnings.warn(f"compiled decode steps are off for this LLM, decoding stays eager ({e})", RuntimeWarning)
@@ -50,6 +52,13 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     use_cpu_grouped_sdpa(model.llm)  # prompts' attention on the CPU without per-head copies (cpu_attention.py)
     return model, processor
+
+
+def decode_cache_length(batch_size: int) -> int:
+    """Positions the compiled steps' static cache holds per row: 4,096 for chat; for batches a cache of about
+    16,384 positions in all (16 rows x 1,024: 380 MB for the default model; VQA prompts with one image are
+    about 100 tokens), at least 256 a row. Longer generations decode eagerly."""
+    return 4096 if batch_size == 1 else max(256, 16384 // batch_size)
 
 
 def _load(spec: str, quantize: str | None, device_map):

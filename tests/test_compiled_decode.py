@@ -317,3 +317,77 @@ def test_compiled_int4_steps_with_the_adapter_beside_them_match_the_merged_model
             ours = [step(torch.tensor([t])).float() for t in tokens]
     for mine, theirs in zip(ours, reference):
         assert torch.allclose(mine, theirs, atol=0.05 * theirs.abs().max().item())
+
+
+# ---- batches: left-padded rows, for batch VQA (--compile always) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batch_decoder(model_and_processor):
+    decoder = CompiledDecoder(model_and_processor[0].llm, max_length=128, batch_size=3).start()
+    assert decoder.wait(timeout=600), decoder.error
+    return decoder
+
+
+def test_batch_steps_take_left_padded_rows_as_eager_steps_do(batch_decoder):
+    decoder = batch_decoder
+    llm, config = decoder.llm, decoder.llm.config  # the same weights, run eagerly: only the compiled kernels differ
+    prompt = torch.tensor([[1, 17, 305, 9, 44, 12], [0, 0, 40, 41, 42, 43], [0, 0, 0, 0, 7, 8]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    tokens = [[31, 5, 9], [502, 6, 10], [77, 7, 11]]
+    with torch.inference_mode():
+        def prefilled():
+            cache = DynamicCache(config=config)
+            llm(input_ids=prompt, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache, use_cache=True)
+            return cache
+
+        eager, eager_cache, step_mask, positions = [], prefilled(), mask, mask.sum(-1, keepdim=True)
+        for t in tokens:
+            step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            eager.append(llm(input_ids=torch.tensor(t)[:, None], attention_mask=step_mask, position_ids=positions,
+                             past_key_values=eager_cache, use_cache=True).logits[:, -1].float())
+            positions = positions + 1
+        cache = prefilled()
+        with decoder.steps(cache, mask, max_new_tokens=len(tokens)) as step:
+            assert step is not None
+            compiled = [step(torch.tensor(t)).float() for t in tokens]
+        with decoder.steps(prefilled(), mask[:2], 8) as step:
+            assert step is None  # two rows: not the batch size it was compiled for
+        # the last row alone, unpadded: the padding must be invisible to it
+        alone_cache = DynamicCache(config=config)
+        llm(input_ids=prompt[2:, 4:], past_key_values=alone_cache, use_cache=True)
+        alone = [llm(input_ids=torch.tensor([[t[2]]]), past_key_values=alone_cache, use_cache=True).logits[:, -1].float()
+                 for t in tokens]
+    for ours, reference, single in zip(compiled, eager, alone):
+        assert torch.allclose(ours, reference, atol=0.05 * reference.abs().max().item())
+        assert torch.allclose(ours[2:], single, atol=0.05 * single.abs().max().item())
+    assert cache.get_seq_length() == prompt.shape[1] + len(tokens)  # handed back as eager steps leave it
+    for mine, theirs in zip(cache.layers, eager_cache.layers):
+        assert torch.allclose(mine.keys.float(), theirs.keys.float(), atol=0.05 * theirs.keys.abs().max().item())
+
+
+def test_batch_vqa_uses_the_batch_steps_for_full_batches_only(model_and_processor, batch_decoder):
+    model, processor = model_and_processor
+    engine = Engine(model, processor)
+    calls = []
+    compiled = batch_decoder._compiled
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return compiled(*args)
+
+    def ask(n):  # two questions about one image (a shared prefix, then a masked gap), the rest about others
+        images = [[random_image(1)], [random_image(1)]] + [[random_image(k)] for k in range(2, n)]
+        questions = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                     for q in ("What colour?", "What shape is it?", "Is it big?", "Where?")[:n]]
+        return engine.answer_batch(questions, images, GenerationConfig(max_new_tokens=6))
+
+    batch_decoder._compiled, model.compiled_decoder = counting, batch_decoder
+    try:
+        assert len(ask(3)) == 3
+        assert calls and set(calls) == {3}  # three rows: compiled steps (their logits: the test above)
+        calls.clear()
+        assert len(ask(2)) == 2 and not calls  # a batch of another size steps eagerly
+    finally:
+        batch_decoder._compiled = compiled
+        del model.compiled_decoder
