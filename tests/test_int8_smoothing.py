@@ -42,6 +42,14 @@ def test_bf16_prompt_rows_stay_close_and_few_rows_take_the_other_path():
             out, reference = layer(x_long), linear(x_long)
             assert out.dtype == torch.float32 and not torch.equal(out, few_rows(x_long))
             assert ((out - reference).norm() / reference.norm()).item() < 0.01  # bf16: ~3 digits
+    # the MLP's gate/up keep their bf16 output for the down projection, which takes bf16 rows through bf16
+    gate_up = Bf16PromptLinear(linear, int8, min_rows=128, bf16_output=True)
+    down = Bf16PromptLinear(torch.nn.Linear(48, 96), torch.nn.Linear(48, 96), min_rows=128)
+    with torch.no_grad():
+        assert gate_up(x_long).dtype == torch.bfloat16 and gate_up(x_short).dtype == torch.float32
+        assert down(gate_up(x_long)).dtype == torch.float32
+        few = gate_up(x_short[:, :2]).bfloat16()  # two bf16 rows: below min_rows, still the bf16 path
+        assert torch.equal(down(few), torch.nn.functional.linear(few, down.weight_bf16, down.bias_bf16).float())
     assert isinstance(bf16_matmul_is_fast(), bool)
 
 
