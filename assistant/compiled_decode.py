@@ -30,7 +30,7 @@ a compiler missing or failing, a failed check (the error is kept in `CompiledDec
 once). A decoder for batches of N rows (batch VQA's left-padded rows, after a shared image prefix) has a
 graph of its own that also takes the rows' attention mask and positions, and attends through SDPA with the
 mask: at batch 16, 20 ms a step against 46 for the eager int8 steps, about 8% more items/s for batch VQA
-once compiled (a compile of its own: not worth it for short runs, so batch VQA asks for it explicitly).
+once compiled (a compile of its own, worth it only for long runs: `python -m assistant.vqa run --compile`).
 
 Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
 token come here. The prompt's keys and values are copied into the static cache before the first step

@@ -1,7 +1,7 @@
 """Batch VQA throughput: items/s at batch size 1 and 16 on the same easy-VQA test questions, in
 one run, median of several repeats: batch 16 as `python -m assistant.vqa run` runs it by default below
-50,000 questions (eager decode steps) and with compiled steps for batches of 16 (`--compile always`, and the
-default from 50,000 questions on). Prints one JSON line.
+100,000 questions (eager decode steps) and with compiled steps for batches of 16 (`--compile always`, and the
+default from 100,000 questions on). Prints one JSON line.
 
     python benchmarks/vqa_throughput.py [--model default] [--items 48] [--repeats 3]"""
 

@@ -13,10 +13,11 @@ from ..quantization import HELP as QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
-# --compile auto compiles decode steps for batches from this many questions on: at batch 16 they give about 8% more
-# items/s (1.6 ms an item here), and their compile, beside the answering, costs about 20 s of answering with
-# inductor's disk cache and 2 minutes without: paid back after about 11,000 and 75,000 questions
-COMPILE_BATCHES_FROM = 50_000
+# --compile auto compiles decode steps for batches from this many questions on: at batch 16 they save about 8% of
+# an item's time (1.6 ms here) once compiled, and the compile, beside loading and answering, cost 32 s of wall time
+# with inductor's disk cache (3,000 easy-VQA questions: 106 s against 74 s eager) and about 4 minutes without:
+# paid back after about 20,000 and 150,000 questions
+COMPILE_BATCHES_FROM = 100_000
 EXIT_SOME_FAILED = 3
 
 
