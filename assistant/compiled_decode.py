@@ -397,7 +397,7 @@ class CompiledDecoder:
         tokens = [vocab * k // (length + 2) for k in range(1, length + 1)]
         rows = self.batch_size
         self.mask.fill_(1)
-        self.mask[0, 0] = 0  # in a batch, the first row left-padded by one position: the mask must count
+        self.mask[0, 0] = 0  # in a batch, row 0 left-padded by one position: the check covers the mask too
         real = self.mask[:, :length].cumsum(-1) - self.mask[:, :length]  # each position's real tokens before it
         logits = []
         for step in (self._step, self._compiled):

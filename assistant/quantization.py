@@ -12,8 +12,8 @@
   5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8.
   Where the CPU has fast bf16 matrix units (checked at load), prompt rows run in bf16 instead: from 16
   rows in the MLP output projections, from 32 rows elsewhere (below that int8 is as fast).
-  Measured on the default model (README): easy-VQA 99.11% against fp32's 99.12% (plain dynamic int8
-  prompts: 0.7-0.9 points below); batch VQA about 2x faster. "auto" picks it on a CPU, "none" keeps fp32.
+  Measured on the default model (README): easy-VQA 99.36% at batch 16 against fp32's 99.38% (plain
+  dynamic int8 prompts: 0.7-0.9 points below); batch VQA about 2x faster. "auto" picks it on a CPU, "none" keeps fp32.
   torchao's int8 paths were measured too and were slower on this CPU in eager mode (they dequantise the
   weight at every call). Compiled, int8 weight-only decode steps are the fastest path measured here:
   compiled_decode.py, which serve.py starts beside this one (`load_model(..., compile_decode=True)`).
