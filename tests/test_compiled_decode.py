@@ -2,6 +2,7 @@
 logits of the same int8 weight-only model run eagerly, hands the session's KV cache back as eager steps
 leave it, serves a two-turn chat through the engine, and steps aside for what it cannot take."""
 
+import contextlib
 import copy
 
 import pytest
@@ -137,27 +138,34 @@ def test_steps_step_aside_for_what_they_cannot_take(decoder):
     assert single.get_seq_length() == 3  # nothing stepped, nothing added
 
 
-def test_engine_chat_uses_the_compiled_steps_across_turns(model_and_processor, decoder):
-    model, processor = model_and_processor
-    engine = Engine(model, processor)
-    calls = []
-    compiled = decoder._compiled
+@contextlib.contextmanager
+def compiled_calls(model, decoder):
+    """`decoder` serving `model` within the block; yields the list of its compiled steps' arguments."""
+    calls, compiled = [], decoder._compiled
 
     def counting(*args):
-        calls.append(args[2])
+        calls.append(args)
         return compiled(*args)
 
     decoder._compiled, model.compiled_decoder = counting, decoder
     try:
-        session = ChatSession()
-        session.add_user_message("What is in the image?", [random_image(1)])
-        engine.chat(session, GenerationConfig(max_new_tokens=12))
-        first_turn = len(calls)
-        session.add_user_message("And what colour is it?")
-        engine.chat(session, GenerationConfig(max_new_tokens=12))
+        yield calls
     finally:
         decoder._compiled = compiled
         del model.compiled_decoder
+
+
+def test_engine_chat_uses_the_compiled_steps_across_turns(model_and_processor, decoder):
+    model, processor = model_and_processor
+    engine = Engine(model, processor)
+    with compiled_calls(model, decoder) as steps:
+        session = ChatSession()
+        session.add_user_message("What is in the image?", [random_image(1)])
+        engine.chat(session, GenerationConfig(max_new_tokens=12))
+        first_turn = len(steps)
+        session.add_user_message("And what colour is it?")
+        engine.chat(session, GenerationConfig(max_new_tokens=12))
+    calls = [args[2] for args in steps]  # the lengths attended to
     assert first_turn > 0 and len(calls) > first_turn
     assert calls[first_turn] > calls[first_turn - 1]  # the second turn continues after the first
     # the session's cache holds exactly what the engine says it holds, ready for a third turn
@@ -369,12 +377,6 @@ def test_batch_steps_take_left_padded_rows_as_eager_steps_do(batch_decoder):
 def test_batch_vqa_uses_the_batch_steps_for_full_batches_only(model_and_processor, batch_decoder):
     model, processor = model_and_processor
     engine = Engine(model, processor)
-    calls = []
-    compiled = batch_decoder._compiled
-
-    def counting(*args):
-        calls.append(args[0].shape[0])
-        return compiled(*args)
 
     def ask(n):  # two questions about one image (a shared prefix, then a masked gap), the rest about others
         images = [[random_image(1)], [random_image(1)]] + [[random_image(k)] for k in range(2, n)]
@@ -382,12 +384,9 @@ def test_batch_vqa_uses_the_batch_steps_for_full_batches_only(model_and_processo
                      for q in ("What colour?", "What shape is it?", "Is it big?", "Where?")[:n]]
         return engine.answer_batch(questions, images, GenerationConfig(max_new_tokens=6))
 
-    batch_decoder._compiled, model.compiled_decoder = counting, batch_decoder
-    try:
+    with compiled_calls(model, batch_decoder) as steps:
         assert len(ask(3)) == 3
-        assert calls and set(calls) == {3}  # three rows: compiled steps (their logits: the test above)
-        calls.clear()
-        assert len(ask(2)) == 2 and not calls  # a batch of another size steps eagerly
-    finally:
-        batch_decoder._compiled = compiled
-        del model.compiled_decoder
+        # three rows: compiled steps (their logits: the test above)
+        assert steps and {args[0].shape[0] for args in steps} == {3}
+        steps.clear()
+        assert len(ask(2)) == 2 and not steps  # a batch of another size steps eagerly
