@@ -1,5 +1,5 @@
 """Compiled one-token decode steps for chat on the CPU (`--quantize auto`/`int8` where bf16 is fast), and
-for the full batches of batch VQA with `python -m assistant.vqa run --compile always`.
+for the full batches of batch VQA (`python -m assistant.vqa run --compile`: long runs or when asked).
 
 A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also
 pays for a few hundred small operator calls. Here a copy of the LLM keeps its linear layers as int8
@@ -59,7 +59,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import decode_attention
 from .fused_projections import fuse_projections, merge_lora
-from .generation import cache_kwarg
+from .generation import cache_kwarg, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 ATTENTION = "grouped_decode_sdpa"
@@ -309,7 +309,7 @@ def short_gil_slices():
 
 def wait_for_compiled_steps(model) -> str:
     """For measurements: wait until `model`'s decode steps are compiled (if it compiles them) and say
-    which steps batch-1 generation now uses, "compiled" or "eager"."""
+    which steps generations of its decoder's batch size now use, "compiled" or "eager"."""
     decoder = getattr(model, "compiled_decoder", None)
     return "compiled" if decoder is not None and decoder.wait() else "eager"
 
@@ -429,15 +429,15 @@ class CompiledDecoder:
         rows = self.batch_size
         self.mask.fill_(1)
         self.mask[0, 0] = 0  # in a batch, row 0 left-padded by one position: the check covers the mask too
-        real = self.mask[:, :length].cumsum(-1) - self.mask[:, :length]  # each position's real tokens before it
+        positions = position_ids_from_mask(self.mask[:, :length])  # each position's real tokens before it
         logits = []
         for step in (self._step, self._compiled):
             self._rewind()  # the same rewind as before every reply
             for position, token in enumerate(tokens[:-1]):
                 self._step(torch.full((rows, 1), token), torch.tensor([position]), position + 1,
-                           *self._rows(position, real[:, position:position + 1].contiguous()))
+                           *self._rows(position, positions[:, position:position + 1].contiguous()))
             logits.append(step(torch.full((rows, 1), tokens[-1]), torch.tensor([length - 1]), length,
-                               *self._rows(length - 1, real[:, -1:].contiguous())).float())
+                               *self._rows(length - 1, positions[:, -1:].contiguous())).float())
         eager, compiled = logits
         error = (compiled - eager).abs().max().item() / max(eager.abs().max().item(), 1e-6)
         if not error <= 0.1:

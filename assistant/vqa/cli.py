@@ -88,7 +88,9 @@ def run_command(args) -> int:
     from .runner import answered_ids, run_questions
 
     output = Path(args.output)
-    remaining = len({str(it["question_id"]) for it in items} - answered_ids(output))
+    remaining = len(items)
+    if remaining >= COMPILE_BATCHES_FROM:  # only then can an earlier run's answers in --output change --compile auto
+        remaining = len({str(it["question_id"]) for it in items} - answered_ids(output))
     try:
         model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
                                       compile_decode=compiles_decode_steps(args.compile, args.batch_size, remaining),
