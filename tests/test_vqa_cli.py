@@ -137,3 +137,9 @@ def test_compile_auto_compiles_batch_steps_only_for_long_runs():
     assert not compiles_decode_steps("auto", 16, COMPILE_BATCHES_FROM - 1)  # the compile would not pay back
     assert compiles_decode_steps("auto", 16, COMPILE_BATCHES_FROM)
     assert compiles_decode_steps("always", 16, 10) and not compiles_decode_steps("never", 1, 10 ** 6)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tiny_model_dir, questions, tmp_path):
+    for output, reason in ((tmp_path, "a directory"), (questions / "answers.jsonl", f"{questions} is a file")):
+        proc = vqa("run", "--model", tiny_model_dir, "--questions", questions, "--output", output)
+        assert proc.returncode == 2 and f"--output {output}: {reason}" in proc.stderr, proc.stderr[-2000:]

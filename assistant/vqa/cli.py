@@ -88,6 +88,17 @@ def run_command(args) -> int:
     from .runner import answered_ids, run_questions
 
     output = Path(args.output)
+    # before the model loads: an output that cannot be written would only fail after it
+    if output.is_dir():
+        raise InputError(f"--output {output}: a directory, not a file (answers are written as JSONL)")
+    for folder in output.parents:
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--output {output}: {folder} is a file, not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        open(output, "a", encoding="utf-8").close()
+    except OSError as e:
+        raise InputError(f"--output {output}: cannot be written ({e.strerror or e})") from None
     remaining = len(items)
     if remaining >= COMPILE_BATCHES_FROM:  # only then can an earlier run's answers in --output change --compile auto
         remaining = len({str(it["question_id"]) for it in items} - answered_ids(output))
