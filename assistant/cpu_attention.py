@@ -20,8 +20,12 @@ from transformers.masking_utils import sdpa_mask
 NAME = "cpu_grouped_sdpa"
 
 
-def cpu_grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """`sdpa_attention_forward`, with masked grouped-query attention done by SDPA itself (module docstring)."""
+def cpu_grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_layout=None,
+                     **kwargs):
+    """`sdpa_attention_forward`, with masked grouped-query attention done by SDPA itself (module docstring);
+    a batch's packed prompt (packed_batch.py) attends row by row, as its `packed_layout` says."""
+    if packed_layout is not None:
+        return packed_layout.attend(query, key, value, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     if (attention_mask is None or groups == 1 or query.shape[2] == 1 or query.device.type != "cpu"
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):

@@ -1,8 +1,8 @@
 """The inference engine behind the chat UI, the API and batch VQA.
 
-- `Engine.answer_batch`: many independent questions at once (left padding, one vision-tower call
-  per batch, questions about the same image share its prefix: shared_prefix.py), greedy answers
-  identical to one-at-a-time.
+- `Engine.answer_batch`: many independent questions at once (one vision-tower call per batch, questions
+  about the same image share its prefix: shared_prefix.py; on the CPU the batch is one packed sequence,
+  packed_batch.py, elsewhere left-padded rows), greedy answers identical to one-at-a-time.
 - `Engine.stream_chat`: one turn of a `ChatSession`, streamed as text deltas. A session keeps its
   KV cache and its images' features: a follow-up re-encodes no image and only feeds the tokens
   the cache does not already hold (prefix caching, so a re-rendered history costs nothing).
@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from .chat_format import ConversationError
 from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from .images import load_image
+from .packed_batch import PackedBatch, decode_packed, supports_packing
 from .shared_prefix import common_prefix_length, shared_prefix_groups
 
 
@@ -112,7 +113,11 @@ class Engine:
         ids = [self.processor.encode(c, ims).input_ids for c, ims in zip(conversations, images)]
         pixels = [self.processor.preprocess_images(ims) if ims else None for ims in images]
         groups = shared_prefix_groups(ids, pixels, self.processor.image_token_id)
-        if len(groups) == len(ids):  # nothing shared: one left-padded prefill
+        if len(ids) > 1 and supports_packing(self.model.llm) and not self._compiled_steps_take(len(ids)):
+            # one packed sequence, no padding (packed_batch.py); compiled batch steps need the padded rows below
+            features = self._features([pixels[members[0]] for members, _ in groups if pixels[members[0]] is not None])
+            steps = decode_packed(self.model, PackedBatch(ids, groups), features, config, self.end_ids)
+        elif len(groups) == len(ids):  # nothing shared: one left-padded prefill
             batch = self.processor.pad(ids, padding_side="left")
             features = self._features([p for p in pixels if p is not None])
             with torch.inference_mode():
@@ -134,6 +139,10 @@ class Engine:
             if all(done):
                 break
         return [s.text.rstrip("\ufffd").strip() for s in streams]
+
+    def _compiled_steps_take(self, rows: int) -> bool:
+        decoder = getattr(self.model, "compiled_decoder", None)
+        return decoder is not None and decoder.batch_size == rows and decoder.ready.is_set()
 
     def _features(self, pixel_list) -> torch.Tensor | None:
         """One vision-tower call for already preprocessed images (a list of pixel tensors)."""

@@ -116,32 +116,41 @@ def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=-1)
 
 
-def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
-    """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
-    device, batch = logits.device, logits.shape[0]
+def choose_next_tokens(config: GenerationConfig, end_ids: set[int], batch: int, device):
+    """`choose(logits, finished) -> token ids`, one per row: greedy or sampled as `config` says, with its
+    logits processors (which see each row's tokens chosen so far); rows already `finished` get an end token."""
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     processors = config.logits_processors()
-    cache_kw = cache_kwarg(llm)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    history = None
-    end_tensor = torch.tensor(sorted(end_ids), device=device)
-    fill = end_tensor[0] if len(end_tensor) else torch.tensor(0, device=device)
-    for k in range(config.max_new_tokens):
+    ends = sorted(end_ids)
+    fill = torch.tensor(ends[0] if ends else 0, device=device)
+    history = torch.zeros((batch, 0), dtype=torch.long, device=device)
+
+    def choose(logits: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        nonlocal history
         logits = logits.float()
-        if processors:
-            scores = processors(history if history is not None else torch.zeros((batch, 0), dtype=torch.long,
-                                                                                  device=device), logits)
-        else:
-            scores = logits
+        scores = processors(history, logits) if processors else logits
         if config.temperature > 0:
-            probs = torch.softmax(scores, dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             next_ids = greedy_ids(scores)
         next_ids = torch.where(finished, fill, next_ids)
-        history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], dim=1)
+        history = torch.cat([history, next_ids[:, None]], dim=1)
+        return next_ids
+
+    return choose
+
+
+def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
+    """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
+    device, batch = logits.device, logits.shape[0]
+    choose = choose_next_tokens(config, end_ids, batch, device)
+    cache_kw = cache_kwarg(llm)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    end_tensor = torch.tensor(sorted(end_ids), device=device)
+    for k in range(config.max_new_tokens):
+        next_ids = choose(logits, finished)
         yield next_ids
         finished |= torch.isin(next_ids, end_tensor)
         last = k == config.max_new_tokens - 1  # its token is never fed: the cache holds all but the last

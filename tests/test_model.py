@@ -92,23 +92,38 @@ def test_user_text_cannot_create_images_or_roles(tiny_llm_dir):
     assert enc.input_ids.count(processor.image_token_id) == model.tokens_per_image
 
 
-def test_batch_greedy_matches_single(tiny_llm_dir):
+def batch_engine(tiny_llm_dir, layout, monkeypatch):
+    """The tiny model's engine, batching as left-padded rows or (on the CPU attention) as one packed sequence;
+    `packed` counts the packed batches, to prove which way a batch went."""
+    import assistant.engine
+    from assistant.cpu_attention import use_cpu_grouped_sdpa
+
     torch.manual_seed(0)
     model, processor = build_model(tiny_config(tiny_llm_dir))
-    engine = Engine(model, processor)
+    packed = []
+    if layout == "packed":
+        use_cpu_grouped_sdpa(model.llm)
+        original = assistant.engine.decode_packed
+        monkeypatch.setattr(assistant.engine, "decode_packed", lambda *a, **k: packed.append(1) or original(*a, **k))
+    return model, processor, Engine(model, processor), packed
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batch_greedy_matches_single(tiny_llm_dir, layout, monkeypatch):
+    model, processor, engine, packed = batch_engine(tiny_llm_dir, layout, monkeypatch)
     questions = [image_question("short?"), image_question("a much longer question about the picture here?"),
                  image_question("two images?", n_images=2)]
     images = [[random_image(1)], [random_image(2)], [random_image(3), random_image(4)]]
     cfg = GenerationConfig(max_new_tokens=8)
     batched = engine.answer_batch(questions, images, cfg)
+    assert packed == ([1] if layout == "packed" else [])
     single = [engine.answer_batch([q], [im], cfg)[0] for q, im in zip(questions, images)]
     assert batched == single
 
 
-def test_questions_about_one_image_share_its_prefix_and_match_single(tiny_llm_dir):
-    torch.manual_seed(0)
-    model, processor = build_model(tiny_config(tiny_llm_dir))
-    engine = Engine(model, processor)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_questions_about_one_image_share_its_prefix_and_match_single(tiny_llm_dir, layout, monkeypatch):
+    model, processor, engine, packed = batch_engine(tiny_llm_dir, layout, monkeypatch)
     texts = ["what colour?", "how many shapes are there in it?", "is it big?", "where?", "what shape is it?"]
     questions = [image_question(t) for t in texts] + [image_question("two images?", n_images=2), "text only?"]
     questions[-1] = [{"role": "user", "content": [{"type": "text", "text": "text only?"}]}]
@@ -120,6 +135,7 @@ def test_questions_about_one_image_share_its_prefix_and_match_single(tiny_llm_di
     model.encode_images = lambda pixels: encoded.append(len(pixels)) or original(pixels)
     batched = engine.answer_batch(questions, images, cfg)
     assert encoded == [3]  # one call: the shared image once, plus row 5's two
+    assert packed == ([1] if layout == "packed" else [])
     model.encode_images = original
     single = [engine.answer_batch([q], [im], cfg)[0] for q, im in zip(questions, images)]
     assert batched == single
