@@ -29,8 +29,10 @@ padded row at batch 1, a context longer than the static cache, a second reply ge
 a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and warned
 once). A decoder for batches of N rows (batch VQA's left-padded rows, after a shared image prefix) has a
 graph of its own that also takes the rows' attention mask and positions, and attends through SDPA with the
-mask: at batch 16, 20 ms a step against 46 for the eager int8 steps, about 8% more items/s for batch VQA
-once compiled (a compile of its own, worth it only for long runs: `python -m assistant.vqa run --compile`).
+mask: at batch 16, 20 ms a step against 46 for the eager int8 steps of all 16 rows; but batch VQA's packed
+batches (packed_batch.py) step only the rows still answering, so this pays only where answers run long (a
+sentence: about 10% more items/s; one word: 2% fewer) and only on request (`python -m assistant.vqa run
+--compile always`).
 
 Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
 token come here. The prompt's keys and values are copied into the static cache before the first step

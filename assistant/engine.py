@@ -113,8 +113,7 @@ class Engine:
         ids = [self.processor.encode(c, ims).input_ids for c, ims in zip(conversations, images)]
         pixels = [self.processor.preprocess_images(ims) if ims else None for ims in images]
         groups = shared_prefix_groups(ids, pixels, self.processor.image_token_id)
-        if len(ids) > 1 and supports_packing(self.model.llm) and not self._compiled_steps_take(len(ids)):
-            # one packed sequence, no padding (packed_batch.py); compiled batch steps need the padded rows below
+        if len(ids) > 1 and supports_packing(self.model.llm):  # one packed sequence, no padding (packed_batch.py)
             features = self._features([pixels[members[0]] for members, _ in groups if pixels[members[0]] is not None])
             steps = decode_packed(self.model, PackedBatch(ids, groups), features, config, self.end_ids)
         elif len(groups) == len(ids):  # nothing shared: one left-padded prefill
@@ -139,10 +138,6 @@ class Engine:
             if all(done):
                 break
         return [s.text.rstrip("\ufffd").strip() for s in streams]
-
-    def _compiled_steps_take(self, rows: int) -> bool:
-        decoder = getattr(self.model, "compiled_decoder", None)
-        return decoder is not None and decoder.batch_size == rows and decoder.ready.is_set()
 
     def _features(self, pixel_list) -> torch.Tensor | None:
         """One vision-tower call for already preprocessed images (a list of pixel tensors)."""

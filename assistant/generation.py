@@ -104,7 +104,7 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     out = prefill(model, inputs_embeds, full_mask, cache, past_length)
     compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: batch-1 steps on the CPU
     with compiled.steps(cache, full_mask, config.max_new_tokens) if compiled else contextlib.nullcontext() as step:
-        yield from _decode_steps(llm, out.logits[:, -1, :], full_mask, positions, cache, config, end_ids,
+        yield from decode_steps(llm, out.logits[:, -1, :], full_mask, positions, cache, config, end_ids,
                                  should_stop, step)
 
 
@@ -142,7 +142,7 @@ def choose_next_tokens(config: GenerationConfig, end_ids: set[int], batch: int, 
     return choose
 
 
-def _decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
+def decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
     """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
     device, batch = logits.device, logits.shape[0]
     choose = choose_next_tokens(config, end_ids, batch, device)

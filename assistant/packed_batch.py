@@ -9,12 +9,20 @@ into each of its rows. Here the batch is one sequence instead, laid out as
 
 and a boolean attention mask says who sees whom: a prefix token sees the earlier tokens of its own prefix,
 a question token its group's prefix and the earlier tokens of its own question; positions restart for
-each prefix and continue after it for each question, as if every row were alone. Each decode step then
-feeds one token per unfinished row, appended to the same sequence: a row's token sees its prefix, its
-question and its own earlier tokens. Rows that have finished are no longer computed.
+each prefix and continue after it for each question, as if every row were alone. The linear layers and
+the rest of each layer see only real tokens; the prompt's attention is computed row by row
+(`AttentionLayout`: the whole sequence under one mask would cost the square of the batch's tokens). Each
+decode step then feeds one token per unfinished row, appended to the same sequence: a row's token sees its
+prefix, its question and its own earlier tokens. Rows that have finished are no longer computed (one-word
+VQA answers: after the first step, only the few rows whose answer is longer).
 
-The layout needs an attention that takes a custom 4-D mask: SDPA (and cpu_attention.py's variant) or
-eager; `supports_packing` says whether a model's does.
+Measured on the default model, 48 easy-VQA questions at batch 16 (same process, same 48 answers): 12-14% more
+items/s than left-padded rows, whose 16 x 27 question tokens held 11% padding and whose shared prefixes were
+copied into each row's cache, and whose steps fed every row until the last one ended.
+
+CPU only (`supports_packing`: cpu_attention.py's attention, which takes the `packed_layout`); elsewhere the
+engine pads. Compiled batch decode steps (compiled_decode.py) take left-padded rows: the packed prompt's keys
+and values are gathered into them (`AttentionLayout.padded_cache`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .generation import GenerationConfig, cache_kwarg, choose_next_tokens
+from .generation import GenerationConfig, cache_kwarg, choose_next_tokens, decode_steps, position_ids_from_mask
 
 
 
@@ -125,7 +133,9 @@ class AttentionLayout:
         p_index, p_real = _left_padded([prefix_spans[packed.row_group[r]] for r in range(packed.rows)])
         q_causal = torch.ones((q_index.shape[1],) * 2, dtype=torch.bool).tril()
         sees = torch.cat([p_real[:, None, :].expand(-1, q_index.shape[1], -1), q_real[:, None, :] & q_causal], dim=2)
-        self._add(q_index, q_real, torch.cat([p_index, q_index], dim=1), sees)
+        self.row_keys = torch.cat([p_index, q_index], dim=1)  # each row's keys: [its prefix | its question]
+        self.row_mask = torch.cat([p_real, q_real], dim=1).long()
+        self._add(q_index, q_real, self.row_keys, sees)
 
     def _add(self, query_index, query_real, key_index, sees):
         rows, width = query_index.shape
@@ -135,6 +145,18 @@ class AttentionLayout:
         sees[:, diagonal, key_index.shape[1] - width + diagonal] |= ~query_real
         flat_real = query_real.flatten().nonzero().flatten()
         self.parts.append((query_index, key_index, sees[:, None], flat_real, query_index.flatten()[flat_real]))
+
+    def padded_cache(self, cache: DynamicCache, config) -> DynamicCache:
+        """The packed prompt's keys and values as the left-padded rows [prefix | question] that compiled batch
+        decode steps take (their mask: `row_mask`)."""
+        rows, width = self.row_keys.shape
+        padded = DynamicCache(config=config)
+        for layer, packed in enumerate(cache.layers):
+            index = self.row_keys.flatten().to(packed.keys.device)
+            keys, values = (t[0].index_select(1, index).view(t.shape[1], rows, width, -1).transpose(0, 1)
+                            for t in (packed.keys, packed.values))
+            padded.update(keys, values, layer)
+        return padded
 
     def attend(self, query, key, value, scaling) -> torch.Tensor:
         """query (1, heads, tokens, dim), key/value (1, kv heads, tokens, dim) -> (1, tokens, heads, dim)."""
@@ -153,11 +175,9 @@ class AttentionLayout:
 
 
 @torch.inference_mode()
-def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig, end_ids: set[int]):
-    """Prefill the packed prompt and decode; yields, after each step, the new token of every row (rows that
-    finished yield an end token again), as generation.decode does."""
+def prefill_packed(model, packed: PackedBatch, features):
+    """Run the packed prompt through the LLM: (each row's next-token logits, the cache, the attention layout)."""
     llm, device = model.llm, model.device
-    cache_kw = cache_kwarg(llm)
     cache = DynamicCache(config=llm.config)
     embeds = model.embed(packed.input_ids.to(device), features)
     layout = packed.prompt_attention_layout()
@@ -165,11 +185,35 @@ def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig
     # be tokens x tokens: 1.4 GB for 64 rows of 600 tokens)
     out = llm(inputs_embeds=embeds, attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
               position_ids=packed.positions.to(device), use_cache=True, packed_layout=layout,
-              logits_to_keep=torch.tensor(packed.last, device=device), **{cache_kw: cache})
-    if layout.calls != llm.config.num_hidden_layers:  # without it, attention would ignore the layout
-        raise RuntimeError(f"packed prompt: {layout.calls} of {llm.config.num_hidden_layers} layers used its layout")
-    logits = out.logits[0].float()  # (rows, vocab)
-    rows = packed.rows
+              logits_to_keep=torch.tensor(packed.last, device=device), **{cache_kwarg(llm): cache})
+    layers = llm.config.num_hidden_layers
+    if layout.calls != layers:  # an attention that ignored the layout would have attended to everything
+        raise RuntimeError(f"packed prompt: {layout.calls} of {layers} layers used its layout")
+    return out.logits[0].float(), cache, layout
+
+
+@torch.inference_mode()
+def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig, end_ids: set[int]):
+    """Prefill the packed prompt and decode; yields, after each step, the new token of every row (rows that
+    finished yield an end token again), as generation.decode does."""
+    llm, device = model.llm, model.device
+    logits, cache, layout = prefill_packed(model, packed, features)  # (rows, vocab)
+    compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: steps for batches of its size
+    if compiled is not None and compiled.batch_size == packed.rows and compiled.ready.is_set():
+        # its graph takes left-padded rows: the prompt's keys and values gathered so, every row fed each step
+        padded, mask = layout.padded_cache(cache, llm.config), layout.row_mask.to(device)
+        with compiled.steps(padded, mask, config.max_new_tokens) as step:
+            if step is not None:
+                yield from decode_steps(llm, logits, mask, position_ids_from_mask(mask), padded, config, end_ids,
+                                        None, step)
+                return
+    yield from _packed_steps(llm, packed, logits, cache, config, end_ids)
+
+
+def _packed_steps(llm, packed: PackedBatch, logits, cache, config: GenerationConfig, end_ids: set[int]):
+    """Decode steps in the packed sequence: one token for each row that has not finished."""
+    device, rows = logits.device, packed.rows
+    cache_kw = cache_kwarg(llm)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     end_tensor = torch.tensor(sorted(end_ids), device=device)
     choose = choose_next_tokens(config, end_ids, rows, device)

@@ -1,7 +1,7 @@
 """Batch VQA throughput: items/s at batch size 1 and 16 on the same easy-VQA test questions, in
-one run, median of several repeats: batch 16 as `python -m assistant.vqa run` runs it by default below
-100,000 questions (eager decode steps) and with compiled steps for batches of 16 (`--compile always`, and the
-default from 100,000 questions on). Prints one JSON line.
+one run, median of several repeats: batch 16 as `python -m assistant.vqa run` runs it by default (on the CPU one
+packed sequence a batch, eager decode steps for the rows still answering) and with compiled steps for batches of
+16 (`--compile always`: every row stepped until the last one ends). Prints one JSON line.
 
     python benchmarks/vqa_throughput.py [--model default] [--items 48] [--repeats 3]"""
 
@@ -42,8 +42,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    # as the VQA command runs them: batch 1 with compiled decode steps, batch 16 with eager ones (--compile auto, a
-    # short run); and batch 16 with compiled steps for batches of 16 (--compile always), from a second copy of the model
+    # as the VQA command runs them: batch 1 with compiled decode steps, batch 16 with eager ones (--compile auto);
+    # and batch 16 with compiled steps for batches of 16 (--compile always), from a second copy of the model
     model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True, compile_decode=True)
     batch1_steps = wait_for_compiled_steps(model)
     model16, _ = load_model(args.model, quantize=args.quantize, merge_adapter=True, compile_decode=True,

@@ -87,3 +87,30 @@ def test_an_attention_that_ignores_the_layout_is_refused(tiny_llm_dir):
         assert "used its layout" in str(e)
     else:
         raise AssertionError("a prompt whose attention ignored the packed layout was decoded")
+
+
+@torch.inference_mode()
+def test_the_prompt_gathered_into_padded_rows_steps_as_the_packed_sequence_does(tiny_llm_dir):
+    # what compiled batch steps start from (their graph takes left-padded rows)
+    from assistant.generation import position_ids_from_mask
+    from assistant.packed_batch import prefill_packed
+
+    torch.manual_seed(0)
+    model, processor = build_model(tiny_config(tiny_llm_dir))
+    use_cpu_grouped_sdpa(model.llm)
+    questions = [image_question(t) for t in ("what?", "how many shapes are there?")] + [image_question("and here?")]
+    images = [[random_image(5)], [random_image(5)], [random_image(6)]]
+    ids = [processor.encode(q, im).input_ids for q, im in zip(questions, images)]
+    pixels = [processor.preprocess_images(im) for im in images]
+    packed = PackedBatch(ids, shared_prefix_groups(ids, pixels, processor.image_token_id))
+    features = model.encode_images(torch.cat([pixels[0], pixels[2]]))
+    logits, cache, layout = prefill_packed(model, packed, features)
+    padded, mask = layout.padded_cache(cache, model.llm.config), layout.row_mask
+    assert mask.sum(-1).tolist() == [len(row) for row in ids]
+    tokens = logits.argmax(-1)
+    step_mask, positions = packed.step([0, 1, 2])
+    in_sequence = model.llm(input_ids=tokens[None], attention_mask=step_mask, position_ids=positions,
+                            cache=cache).logits[0]
+    in_rows = model.llm(input_ids=tokens[:, None], attention_mask=torch.cat([mask, torch.ones(3, 1).long()], 1),
+                        position_ids=position_ids_from_mask(mask)[:, -1:] + 1, cache=padded).logits[:, -1]
+    assert torch.allclose(in_sequence, in_rows, atol=1e-4)

@@ -129,14 +129,13 @@ def test_unreadable_inputs_are_clear_errors(tmp_path):
     assert proc.returncode == 2 and "none.jsonl: file not found" in proc.stderr
 
 
-def test_compile_auto_compiles_batch_steps_only_for_long_runs():
-    from assistant.vqa.cli import COMPILE_BATCHES_FROM, build_parser, compiles_decode_steps
+def test_compile_auto_compiles_batch_1_steps_only():
+    from assistant.vqa.cli import build_parser, compiles_decode_steps
 
     assert build_parser().parse_args(["run", "--dataset", "easy-vqa:test", "--output", "x"]).compile == "auto"
-    assert compiles_decode_steps("auto", 1, 10)  # chat-like batch 1: about 3x faster steps, always worth it
-    assert not compiles_decode_steps("auto", 16, COMPILE_BATCHES_FROM - 1)  # the compile would not pay back
-    assert compiles_decode_steps("auto", 16, COMPILE_BATCHES_FROM)
-    assert compiles_decode_steps("always", 16, 10) and not compiles_decode_steps("never", 1, 10 ** 6)
+    assert compiles_decode_steps("auto", 1)  # chat-like batch 1: about 3x faster steps, always worth it
+    assert not compiles_decode_steps("auto", 16)  # packed batches step only their unfinished rows, eagerly
+    assert compiles_decode_steps("always", 16) and not compiles_decode_steps("never", 1)
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tiny_model_dir, questions, tmp_path):

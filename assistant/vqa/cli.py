@@ -13,11 +13,10 @@ from ..quantization import HELP as QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
-# --compile auto compiles decode steps for batches from this many questions on: at batch 16 they save about 8% of
-# an item's time (1.6 ms here) once compiled, and the compile, beside loading and answering, cost 32 s of wall time
-# with inductor's disk cache (3,000 easy-VQA questions: 106 s against 74 s eager) and about 4 minutes without:
-# paid back after about 20,000 and 150,000 questions
-COMPILE_BATCHES_FROM = 100_000
+# --compile auto compiles decode steps at batch 1 only. For batches (packed_batch.py: every row's prompt in one
+# sequence, finished rows leaving the steps), compiled batch steps (all rows every step) were measured at batch 16
+# (easy-VQA, same process): one-word answers 52.2 items/s against 54.0 eager, a sentence for some rows 30-34
+# against 26-28; the compile costs about 35 s from inductor's disk cache and 4 minutes without. So only on request.
 EXIT_SOME_FAILED = 3
 
 
@@ -45,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     run.add_argument("--compile", choices=("auto", "always", "never"), default="auto",
                      help="compiled decode steps (CPU, int8): auto: at batch size 1, where they decode about 3x "
-                          f"faster, and for larger batches when at least {COMPILE_BATCHES_FROM:,} questions are to be "
-                          "answered; always: for full batches too, whatever the run's size (about 8%% more items/s at "
-                          "batch 16 once compiled; compiling takes about 40 s from inductor's disk cache, 3-4 minutes "
-                          "the first time, beside the answering); never: eager steps")
+                          "faster; always: for full batches too (every row stepped until the last ends: about 10%% "
+                          "more items/s at batch 16 where some answers are sentences, 2%% fewer for one-word answers; "
+                          "compiling takes about 40 s from inductor's disk cache, 3-4 minutes the first time, beside "
+                          "the answering); never: eager steps")
     score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
     score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
     score.add_argument("--annotations", required=True, help="VQAv2 annotations JSON, or JSONL with answers")
@@ -65,12 +64,10 @@ def main(argv=None) -> int:
         return 2
 
 
-def compiles_decode_steps(mode: str, batch_size: int, questions: int) -> bool:
+def compiles_decode_steps(mode: str, batch_size: int) -> bool:
     """--compile: whether to compile decode steps for this run's batch size (compiled_decode.py; they serve one
-    batch size) when `questions` are still to be answered."""
-    if mode == "auto":
-        return batch_size == 1 or questions >= COMPILE_BATCHES_FROM
-    return mode == "always"
+    batch size)."""
+    return mode == "always" or (mode == "auto" and batch_size == 1)
 
 
 def run_command(args) -> int:
@@ -85,7 +82,7 @@ def run_command(args) -> int:
         items = items[:args.limit]
     from ..engine import Engine
     from ..loading import ModelSpecError, load_model
-    from .runner import answered_ids, run_questions
+    from .runner import run_questions
 
     output = Path(args.output)
     # before the model loads: an output that cannot be written would only fail after it
@@ -99,12 +96,9 @@ def run_command(args) -> int:
         open(output, "a", encoding="utf-8").close()
     except OSError as e:
         raise InputError(f"--output {output}: cannot be written ({e.strerror or e})") from None
-    remaining = len(items)
-    if remaining >= COMPILE_BATCHES_FROM:  # only then can an earlier run's answers in --output change --compile auto
-        remaining = len({str(it["question_id"]) for it in items} - answered_ids(output))
     try:
         model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
-                                      compile_decode=compiles_decode_steps(args.compile, args.batch_size, remaining),
+                                      compile_decode=compiles_decode_steps(args.compile, args.batch_size),
                                       decode_batch_size=args.batch_size)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
