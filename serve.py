@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true",
                    help="with int8: keep the eager decode steps instead of compiling them in the background "
                         "(compiled: about 3x faster replies than eager int8, after a compile of about 2 minutes "
-                        "the first time and 40 s later; bf16 activations)")
+                        "the first time and 20-25 s later; bf16 activations)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link (UI only)")

@@ -21,8 +21,8 @@ through SDPA with those query heads stacked as rows of one call instead of copyi
 Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
 steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.52x and
 0.54x since gate/up stay int4).
-Compiling takes 2-2.5 minutes the first time (inductor caches the result on disk, keyed by a digest of
-the weights; about 40 s afterwards), so it runs in a background thread at load, ends with a check that
+Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
+the weights; 20-25 s afterwards), so it runs in a background thread at load, ends with a check that
 one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
 whenever it cannot be used: a batch of another size than the one it was compiled for (1 for chat), a
 padded row at batch 1, a context longer than the static cache, a second reply generated at the same time,
@@ -65,7 +65,7 @@ from .generation import cache_kwarg, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 ATTENTION = "grouped_decode_sdpa"
-WARM_UP_STEPS = 4  # distinct lengths, so that the graph is compiled for a symbolic one
+WARM_UP_STEPS = 4  # a few lengths, each through the one graph compiled for a symbolic length
 INT4_GROUP = 32  # weights per scale and zero point along a row: Q4_1's blocks, and torch's int4 kernels take it
 # A LoRA adapter on an int4 layer costs two small matmuls a step (merged, it would move the weights off their
 # grid); they pay for themselves only on large layers. Default model, same-process A/Bs (tokens/s): gate/up
@@ -401,7 +401,7 @@ class CompiledDecoder:
                                       CompiledDecoder._step.__defaults__)
         self._compiled = torch.compile(types.MethodType(own_step, self), fullgraph=True, dynamic=None, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,  # weights never change
-        })  # dynamic=None: valid_length turns symbolic at its second value, one graph for every length
+        })  # dynamic=None: shapes stay static; valid_length is made symbolic below (one graph for every length)
         # freezing: weights become constants (int8 kernels, no dequantised copy per call); max_autotune: lets
         # inductor pick its int8 weight-only GEMM templates (AMX / AVX-512)
         # inductor's on-disk cache keys frozen weights by shape only, yet keeps what it computed from them (the
@@ -413,8 +413,13 @@ class CompiledDecoder:
         # waking the other costs more than it saves (A/Bs: 138.6 vs 131.7, 138.9 vs 137.2, 119.3 vs 116.7
         # after a 398-token prompt); the GEMM templates split their work over the threads regardless
         options = {"freezing": True, "max_autotune": True, "cpp_wrapper": True, "cpp.min_chunk_size": 8192}
+        # valid_length symbolic from the first call: left to Dynamo, it is a constant at the first call and the
+        # graph compiles twice (a warm compile took 40 s, 24 s without the first graph, never used again)
+        compiler = {"cache_key_tag": tag}
+        if "dynamic_sources" in torch.compiler.config._config:  # torch 2.7+
+            compiler["dynamic_sources"] = "L['valid_length']"
         with inductor.patch(options), \
-                torch.compiler.config.patch(cache_key_tag=tag), \
+                torch.compiler.config.patch(compiler), \
                 torch.inference_mode(), self._busy:
             for k in range(WARM_UP_STEPS):
                 self._compiled(tokens, torch.tensor([k]), k + 1, *self._rows(k))

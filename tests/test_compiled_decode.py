@@ -210,8 +210,11 @@ def test_two_models_of_one_shape_each_decode_with_their_own_weights():
     prompt, token = torch.tensor([[1, 17, 305, 9]]), torch.tensor([[31]])
     outputs = []
     for llm in (first, second):
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         decoder = CompiledDecoder(llm, max_length=256).start()
         assert decoder.wait(timeout=600), decoder.error
+        # one graph for every length (not one for the first length, then another)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
         with torch.inference_mode():
             eager_cache, cache = DynamicCache(config=config), DynamicCache(config=config)
             decoder.llm(input_ids=prompt, past_key_values=eager_cache, use_cache=True)
