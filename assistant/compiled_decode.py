@@ -309,6 +309,19 @@ def short_gil_slices():
                 sys.setswitchinterval(_saved_switch_interval)
 
 
+def prime_fx_tracing() -> None:
+    """Make, in this thread, what inductor would otherwise make with torch.fx's symbolic tracing in the compile's
+    thread: the first time a process lowers a loop body, inductor traces a dummy function (kept for the process),
+    and while torch.fx traces it replaces `nn.Module.__call__` for every thread: the model running meanwhile in
+    another thread (calibration at load, a reply in serve.py) failed with "module is not installed as a submodule"."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+
+        InterpreterShim._dummy_gm()
+    except (ImportError, AttributeError):  # another torch: nothing to prime
+        pass
+
+
 def wait_for_compiled_steps(model) -> str:
     """For measurements: wait until `model`'s decode steps are compiled (if it compiles them) and say
     which steps generations of its decoder's batch size now use, "compiled" or "eager"."""
@@ -323,6 +336,7 @@ class CompiledDecoder:
     its graph takes the rows' attention mask and positions, and its cache holds `batch_size` x `max_length`."""
 
     def __init__(self, llm, max_length: int = 4096, batch_size: int = 1):
+        prime_fx_tracing()
         self.max_length = max_length
         self.batch_size = batch_size
         self.llm = weight_only_copy(llm)

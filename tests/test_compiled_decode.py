@@ -227,6 +227,25 @@ def test_two_models_of_one_shape_each_decode_with_their_own_weights():
     assert not torch.allclose(outputs[0], outputs[1], atol=0.5 * outputs[0].abs().max().item())
 
 
+def test_the_compile_leaves_fx_tracing_to_the_thread_that_makes_the_decoder(monkeypatch):
+    """torch.fx's symbolic tracing replaces nn.Module.__call__ for every thread while it runs: inductor's one
+    trace must not happen in the compile's thread, beside a model running in another one."""
+    import threading
+
+    from torch._inductor.loop_body import InterpreterShim
+
+    InterpreterShim._dummy_gm.cache_clear()
+    threads = []
+    trace = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda *a, **k: threads.append(threading.current_thread()) or
+                        trace(*a, **k))
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    decoder = CompiledDecoder(LlamaForCausalLM(config).eval(), max_length=64).start()
+    assert decoder.wait(timeout=600), decoder.error
+    assert threads == [threading.main_thread()]
+
+
 def test_compiled_steps_that_disagree_with_eager_steps_stay_off(model_and_processor, monkeypatch):
     def miscompile(fn, **kwargs):
         return lambda *args: -fn(*args)
