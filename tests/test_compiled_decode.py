@@ -246,6 +246,17 @@ def test_the_compile_leaves_fx_tracing_to_the_thread_that_makes_the_decoder(monk
     assert threads == [threading.main_thread()]
 
 
+def test_compiled_steps_guard_their_arguments_only():
+    from types import SimpleNamespace
+
+    from assistant.compiled_decode import guards_on_step_arguments
+
+    names = ["token_ids", "L['valid_length']", "attention_mask", "position_ids", "", "L['self'].cache.layers[0].keys",
+             "self", "G['decode_attention'].supports", "L['self'].llm.model.layers[3]"]
+    kept = guards_on_step_arguments([SimpleNamespace(name=n) for n in names])
+    assert kept == [True, True, True, True, True, False, False, False, False]
+
+
 def test_compiled_steps_that_disagree_with_eager_steps_stay_off(model_and_processor, monkeypatch):
     def miscompile(fn, **kwargs):
         return lambda *args: -fn(*args)
