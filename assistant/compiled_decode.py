@@ -19,8 +19,8 @@ the query heads that share it, positions split evenly over the threads), or wher
 through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
 Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
-steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.52x and
-0.54x since gate/up stay int4).
+steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.50-0.54x
+since gate/up stay int4, 0.52x with the step's guards on its arguments only).
 Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
 the weights; 20-25 s afterwards), so it runs in a background thread at load, ends with a check that
 one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
