@@ -33,7 +33,6 @@ from transformers import DynamicCache
 from .generation import GenerationConfig, cache_kwarg, choose_next_tokens, decode_steps, position_ids_from_mask
 
 
-
 def supports_packing(llm) -> bool:
     """Packing needs cpu_attention.py's attention, which computes the prompt's attention row by row."""
     from .cpu_attention import NAME
