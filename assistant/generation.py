@@ -104,8 +104,8 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     out = prefill(model, inputs_embeds, full_mask, cache, past_length)
     compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: batch-1 steps on the CPU
     with compiled.steps(cache, full_mask, config.max_new_tokens) if compiled else contextlib.nullcontext() as step:
-        yield from decode_steps(llm, out.logits[:, -1, :], full_mask, positions, cache, config, end_ids,
-                                 should_stop, step)
+        feed = padded_feed(llm, full_mask, positions, cache, step)
+        yield from decode_steps(out.logits[:, -1, :], config, end_ids, feed, should_stop)
 
 
 def greedy_ids(scores: torch.Tensor) -> torch.Tensor:
@@ -142,11 +142,13 @@ def choose_next_tokens(config: GenerationConfig, end_ids: set[int], batch: int, 
     return choose
 
 
-def decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, should_stop, compiled_step):
-    """The loop of `decode` after the prompt: pick a token, feed it (through `compiled_step` when given)."""
+def decode_steps(logits, config: GenerationConfig, end_ids: set[int], feed, should_stop=None):
+    """The loop after the prompt: pick each row's token from `logits` (rows, vocab), yield them, and get the
+    next logits from `feed(token_ids, finished)`, which feeds the tokens to the model (padded_feed, or
+    packed_batch.py's for packed batches). Stops when every row has ended, at max_new_tokens, or when
+    `should_stop()` turns true."""
     device, batch = logits.device, logits.shape[0]
     choose = choose_next_tokens(config, end_ids, batch, device)
-    cache_kw = cache_kwarg(llm)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     end_tensor = torch.tensor(sorted(end_ids), device=device)
     for k in range(config.max_new_tokens):
@@ -156,13 +158,25 @@ def decode_steps(llm, logits, full_mask, positions, cache, config, end_ids, shou
         last = k == config.max_new_tokens - 1  # its token is never fed: the cache holds all but the last
         if last or bool(finished.all()) or (should_stop is not None and should_stop()):
             return
-        full_mask = torch.cat([full_mask, torch.ones((batch, 1), dtype=full_mask.dtype, device=device)], dim=1)
+        logits = feed(next_ids, finished)
+
+
+def padded_feed(llm, full_mask, positions, cache, compiled_step=None):
+    """`feed` for decode_steps over left-padded rows: one token for every row, through `compiled_step` when
+    given, else through `llm` with `cache` (`full_mask`, `positions`: the prompt's)."""
+    cache_kw = cache_kwarg(llm)
+
+    def feed(next_ids, finished):
+        nonlocal full_mask, positions
+        full_mask = torch.cat([full_mask, torch.ones((full_mask.shape[0], 1), dtype=full_mask.dtype,
+                                                     device=full_mask.device)], dim=1)
         positions = positions[:, -1:] + 1
         if compiled_step is not None:
-            logits = compiled_step(next_ids)
-        else:
-            logits = llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
-                         use_cache=True, **{cache_kw: cache}).logits[:, -1, :]
+            return compiled_step(next_ids)
+        return llm(input_ids=next_ids[:, None], attention_mask=full_mask, position_ids=positions,
+                   use_cache=True, **{cache_kw: cache}).logits[:, -1, :]
+
+    return feed
 
 
 class TextStream:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .generation import GenerationConfig, cache_kwarg, choose_next_tokens, decode_steps, position_ids_from_mask
+from .generation import GenerationConfig, cache_kwarg, decode_steps, padded_feed, position_ids_from_mask
 
 
 def supports_packing(llm) -> bool:
@@ -203,27 +203,23 @@ def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig
         padded, mask = layout.padded_cache(cache, llm.config), layout.row_mask.to(device)
         with compiled.steps(padded, mask, config.max_new_tokens) as step:
             if step is not None:
-                yield from decode_steps(llm, logits, mask, position_ids_from_mask(mask), padded, config, end_ids,
-                                        None, step)
+                yield from decode_steps(logits, config, end_ids,
+                                        padded_feed(llm, mask, position_ids_from_mask(mask), padded, step))
                 return
-    yield from _packed_steps(llm, packed, logits, cache, config, end_ids)
+    yield from decode_steps(logits, config, end_ids, _packed_feed(llm, packed, logits, cache))
 
 
-def _packed_steps(llm, packed: PackedBatch, logits, cache, config: GenerationConfig, end_ids: set[int]):
-    """Decode steps in the packed sequence: one token for each row that has not finished."""
-    device, rows = logits.device, packed.rows
+def _packed_feed(llm, packed: PackedBatch, logits, cache):
+    """`feed` for decode_steps in the packed sequence: one token for each row that has not finished; the
+    others keep their last logits in `logits` (rows, vocab), updated in place."""
     cache_kw = cache_kwarg(llm)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    end_tensor = torch.tensor(sorted(end_ids), device=device)
-    choose = choose_next_tokens(config, end_ids, rows, device)
-    for k in range(config.max_new_tokens):
-        next_ids = choose(logits, finished)
-        yield next_ids
-        finished |= torch.isin(next_ids, end_tensor)
-        if k == config.max_new_tokens - 1 or bool(finished.all()):
-            return
+
+    def feed(next_ids, finished):
         live = (~finished).nonzero().flatten()
         mask, positions = packed.step(live.tolist())
-        step_logits = llm(input_ids=next_ids[live][None], attention_mask=mask.to(device),
-                          position_ids=positions.to(device), use_cache=True, **{cache_kw: cache}).logits[0]
-        logits[live] = step_logits.float()
+        out = llm(input_ids=next_ids[live][None], attention_mask=mask.to(logits.device),
+                  position_ids=positions.to(logits.device), use_cache=True, **{cache_kw: cache})
+        logits[live] = out.logits[0].float()
+        return logits
+
+    return feed
