@@ -16,7 +16,8 @@ LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
 # --compile auto compiles decode steps at batch 1 only. For batches (packed_batch.py: every row's prompt in one
 # sequence, finished rows leaving the steps), compiled batch steps (all rows every step) were measured at batch 16
 # (easy-VQA, same process): one-word answers 52.2 items/s against 54.0 eager, a sentence for some rows 30-34
-# against 26-28; the compile costs about 35 s from inductor's disk cache and 4 minutes without. So only on request.
+# against 26-28; the compile costs about 40 s from inductor's disk cache and 3-4 minutes without. So only on
+# request.
 EXIT_SOME_FAILED = 3
 
 
