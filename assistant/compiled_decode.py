@@ -1,4 +1,5 @@
-"""Compiled one-token decode steps for chat on the CPU (`--quantize auto`/`int8` where bf16 is fast), and,
+"""Compiled one-token decode steps for chat on the CPU (`--quantize auto`/`int8`, on x86 CPUs with AVX2 or
+AVX-512: compiled_steps_run_fast), and,
 when asked, for the full batches of batch VQA (`python -m assistant.vqa run --compile always`).
 
 A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also
@@ -337,6 +338,18 @@ def prime_fx_tracing() -> None:
         InterpreterShim._dummy_gm()
     except (ImportError, AttributeError):  # another torch: nothing to prime
         pass
+
+
+def compiled_steps_run_fast() -> bool:
+    """Whether load_model should compile decode steps on this CPU: where they were measured faster than the eager
+    int8 steps. x86 with AVX-512 (AMX machine, default model: 3x eager) or AVX2 (a 2-core AMD EPYC without
+    AVX-512 or fast bf16: 56-68 tokens/s against 24-31 eager; the bf16 activations cost little there, the int8
+    and int4 weights are what a step reads, through inductor's AVX2 micro-GEMMs and torch's int4 kernel);
+    elsewhere (ARM, x86 without AVX2) only where bf16 matrix products are fast, as before that measurement."""
+    from .quantization import bf16_matmul_is_fast
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability == "AVX2" or capability.startswith("AVX512") or bf16_matmul_is_fast()
 
 
 def wait_for_compiled_steps(model) -> str:

@@ -12,8 +12,7 @@ from .checkpoint import is_checkpoint, load_checkpoint
 from .cpu_attention import use_cpu_grouped_sdpa
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
-from .quantization import (AFTER_LOADING, BITSANDBYTES, bf16_matmul_is_fast, calibrate_and_quantize_int8,
-                           resolve_quantize)
+from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, resolve_quantize
 
 
 class ModelSpecError(ValueError):
@@ -27,13 +26,13 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
     torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
     adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does).
-    `compile_decode`: with int8 on a CPU with fast bf16, also start compiling the decode steps for generations
+    `compile_decode`: with int8 on a CPU where compiled steps run fast (AVX2 / AVX-512 x86, or fast bf16), also start compiling the decode steps for generations
     of `decode_batch_size` rows in the background (compiled_decode.py; `model.compiled_decoder`): 1 for chat,
     the batch size for batch VQA; "deferred": make the decoder but let the caller start it (serve.py does once
     its server is built: compiling alongside slows that down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
-    if mode in AFTER_LOADING and compile_decode and bf16_matmul_is_fast():
+    if mode in AFTER_LOADING and compile_decode and _compiled_steps_run_fast():
         # made from the fp32 weights before they become int8, and before the adapter is merged (the decode
         # steps keep 4-bit base weights as they are, with the adapter beside them: compiled_decode.py)
         from .compiled_decode import CompiledDecoder
@@ -52,6 +51,12 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     use_cpu_grouped_sdpa(model.llm)  # prompts' attention on the CPU without per-head copies (cpu_attention.py)
     return model, processor
+
+
+def _compiled_steps_run_fast() -> bool:
+    from .compiled_decode import compiled_steps_run_fast  # imported only where int8 decode steps may compile
+
+    return compiled_steps_run_fast()
 
 
 def decode_cache_length(batch_size: int) -> int:
