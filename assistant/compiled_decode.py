@@ -5,11 +5,12 @@ when asked, for the full batches of batch VQA (`python -m assistant.vqa run --co
 A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also
 pays for a few hundred small operator calls. Here a copy of the LLM keeps its linear layers as int8
 weights with one scale per output channel (weight-only: activations stay bf16, nothing is quantised per
-call), or as int4 where the weights already lie on a 4-bit grid (the bundled SmolLM2 comes from a Q4_1
-GGUF file: int4 reproduces its weights exactly, in about a third fewer bytes than int8; a LoRA adapter then
-stays beside the large layers instead of being merged, LORA_SIDE_PATH_MIN_WEIGHTS), and the whole step
+call), or, with AVX-512, as int4 where the weights already lie on a 4-bit grid (the bundled SmolLM2 comes from
+a Q4_1 GGUF file: int4 reproduces its weights exactly, in about a third fewer bytes than int8; a LoRA adapter
+then stays beside the large layers instead of being merged, LORA_SIDE_PATH_MIN_WEIGHTS; with AVX2 only, torch's
+int4 kernel is compute-bound and all-int8 is faster: int4_kernels_pay_off), and the whole step
 (embedding lookup, 30 layers, LM head) is one `torch.compile`d graph: inductor
-turns the int8 and int4 matrix-vector products into its own AMX / AVX-512 kernels, fuses the small operations
+turns the int8 and int4 matrix-vector products into its own AMX / AVX-512 / AVX2 kernels, fuses the small operations
 around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Between kernels
 the main thread's serial work keeps the second core waiting, so there is little of it: the kernel calls
 are made from C++ (inductor's cpp_wrapper), and in Llama-architecture models the query/key/value and the
@@ -240,11 +241,22 @@ def lora_factors(llm):
     return copy.deepcopy(llm).unload(), adapters
 
 
-def weight_only_copy(llm, dtype=torch.bfloat16):
+def int4_kernels_pay_off() -> bool:
+    """Whether the decode copy should use int4 layers on this CPU: with AVX-512 (inductor's int4 weight-only GEMM
+    templates; AMX machine: gate/up int4 153.7 tokens/s against 146.1 all-int8, the int4-and-rescore LM head 124.8
+    against 116.1). With AVX2 only, torch's int4 kernel is compute-bound and every layer int8 is faster (a 2-core
+    AMD EPYC, same-process A/Bs of 6 rounds: all-int8 83.5 tokens/s against 62.1 for int4 gate/up and LM head,
+    87.3 against 79.1 for the int4 LM head alone)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def weight_only_copy(llm, dtype=torch.bfloat16, int4: bool | None = None):
     """A copy of `llm` in `dtype` for the decode steps: fused projections (fuse_projections), each linear layer
     as Int4WeightOnlyLinear where its weights already lie on a 4-bit grid, else as Int8WeightOnlyLinear, and
     the LM head (untied from the embedding) as RescoredLMHead over the int8 one. A LoRA adapter (peft) stays
-    beside an int4 layer of at least LORA_SIDE_PATH_MIN_WEIGHTS weights and is merged into every other layer."""
+    beside an int4 layer of at least LORA_SIDE_PATH_MIN_WEIGHTS weights and is merged into every other layer.
+    `int4`: False keeps every layer and the LM head int8 (adapter merged); None: int4_kernels_pay_off()."""
+    int4 = int4_kernels_pay_off() if int4 is None else int4
     fast, adapters = lora_factors(llm)
     head = fast.get_output_embeddings()
     if head is not None and head.weight is fast.get_input_embeddings().weight:
@@ -254,16 +266,17 @@ def weight_only_copy(llm, dtype=torch.bfloat16):
     fuse_projections(fast, adapters)
     head_weight = fast.get_output_embeddings().weight.detach()  # no copy: its Linear is swapped out below
     for name, module in [(n, m) for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]:
-        fast.set_submodule(name, _weight_only_linear(module, adapters.get(name), dtype))
+        fast.set_submodule(name, _weight_only_linear(module, adapters.get(name), dtype, int4))
     fast = fast.to(dtype).eval()
-    fast.set_output_embeddings(rescored_head(fast.get_output_embeddings(), head_weight))
+    if int4:
+        fast.set_output_embeddings(rescored_head(fast.get_output_embeddings(), head_weight))
     fast.set_attn_implementation(ATTENTION)
     return fast
 
 
-def _weight_only_linear(linear: torch.nn.Linear, lora, dtype):
+def _weight_only_linear(linear: torch.nn.Linear, lora, dtype, int4: bool = True):
     # the grid is looked for only where int4 could be used: it is most of the copy's time at load
-    int4_pays = lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS
+    int4_pays = int4 and (lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS)
     grid = exact_int4_grid(linear.weight) if int4_pays else None
     if grid is not None:
         try:
@@ -365,11 +378,11 @@ class CompiledDecoder:
     `ready`. Batch 1 serves chat; a larger batch serves batch VQA's full batches, whose rows are left-padded:
     its graph takes the rows' attention mask and positions, and its cache holds `batch_size` x `max_length`."""
 
-    def __init__(self, llm, max_length: int = 4096, batch_size: int = 1):
+    def __init__(self, llm, max_length: int = 4096, batch_size: int = 1, int4: bool | None = None):
         prime_fx_tracing()
         self.max_length = max_length
         self.batch_size = batch_size
-        self.llm = weight_only_copy(llm)
+        self.llm = weight_only_copy(llm, int4=int4)
         self.cache = StaticCache(config=self.llm.config, max_cache_len=max_length)
         # batches: which cache positions each row attends to (its prompt's real tokens, then every step)
         self.mask = torch.zeros((batch_size, max_length), dtype=torch.long)

@@ -326,25 +326,29 @@ def test_the_decode_copy_keeps_4_bit_layers_int4_and_their_adapter_where_it_pays
         return ((logits - reference).norm() / reference.norm()).item() < 0.02
 
     # the tiny layers are below LORA_SIDE_PATH_MIN_WEIGHTS: adapter merged, int8
-    fast = weight_only_copy(model)
+    fast = weight_only_copy(model, int4=True)
     assert all(type(x) is Int8WeightOnlyLinear for x in layers(fast)) and close(fast)
     monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)  # as for large layers
-    fast = weight_only_copy(model)
+    fast = weight_only_copy(model, int4=True)
     assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is not None for x in layers(fast)) and close(fast)
     assert fast.model.layers[0].self_attn.qkv_proj.lora_a.shape == (1, 64, 12)  # q, k, v's A stacked, B block-diagonal
     assert hasattr(model.get_base_model().model.layers[0].self_attn.q_proj, "lora_A")  # the model itself untouched
     # no adapter: every layer int4; an adapter on some fused parts only: merged into them, int8
     plain = grid_llama()
-    assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is None for x in layers(weight_only_copy(plain)))
-    partial = layers(weight_only_copy(grid_llama(adapter_on=["q_proj"])))
+    assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is None for x in layers(weight_only_copy(plain, int4=True)))
+    partial = layers(weight_only_copy(grid_llama(adapter_on=["q_proj"]), int4=True))
     assert type(partial[0]) is Int8WeightOnlyLinear and type(partial[1]) is Int4WeightOnlyLinear
+    # where int4 does not pay (AVX2 only): every layer and the LM head int8, the adapter merged
+    fast = weight_only_copy(model, int4=False)
+    assert all(type(x) is Int8WeightOnlyLinear for x in layers(fast)) and close(fast)
+    assert type(fast.get_output_embeddings()) is Int8WeightOnlyLinear
 
 
 def test_compiled_int4_steps_with_the_adapter_beside_them_match_the_merged_model(monkeypatch):
     monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)
     model = grid_llama(adapter_on="all-linear")
     merged = copy.deepcopy(model).merge_and_unload()
-    decoder = CompiledDecoder(model, max_length=64).start()
+    decoder = CompiledDecoder(model, max_length=64, int4=True).start()
     assert decoder.wait(timeout=600), decoder.error
     assert isinstance(decoder.llm.model.layers[0].mlp.gate_up_proj, Int4WeightOnlyLinear)
     prompt, tokens = torch.tensor([[1, 17, 305, 9]]), [31, 502, 77]
