@@ -26,10 +26,11 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     `quantize`: None / "none" (full precision), "4bit" / "8bit" (bitsandbytes), "int8" (smoothed
     torch.ao dynamic int8 on the CPU, for inference) or "auto" (quantization.py). `merge_adapter`: fold a LoRA
     adapter into the LLM's weights (for inference: about 30% faster decoding here; int8 always does).
-    `compile_decode`: with int8 on a CPU where compiled steps run fast (AVX2 / AVX-512 x86, or fast bf16), also start compiling the decode steps for generations
-    of `decode_batch_size` rows in the background (compiled_decode.py; `model.compiled_decoder`): 1 for chat,
-    the batch size for batch VQA; "deferred": make the decoder but let the caller start it (serve.py does once
-    its server is built: compiling alongside slows that down 4x)."""
+    `compile_decode`: with int8 on a CPU where compiled steps run fast (AVX2 / AVX-512 x86, or fast bf16), also
+    start compiling the decode steps for generations of `decode_batch_size` rows in the background
+    (compiled_decode.py; `model.compiled_decoder`): 1 for chat, the batch size for batch VQA; "deferred": make the
+    decoder but let the caller start it (serve.py does once its server is built: compiling alongside slows that
+    down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
     if mode in AFTER_LOADING and compile_decode and _compiled_steps_run_fast():

@@ -11,7 +11,9 @@
   come from a short fp32 calibration run at load time (a few drawn images and text prompts, about
   5 s). The MLP output projections (their inputs are the worst) and the embedding stay out of int8.
   Where the CPU has fast bf16 matrix units (checked at load), prompt rows run in bf16 instead: from 16
-  rows in the MLP output projections, from 32 rows elsewhere (below that int8 is as fast).
+  rows in the MLP output projections, from 32 rows elsewhere (below that int8 is as fast). Where it has not
+  (AVX2), prompt rows keep fp32 weights (from 17 rows: Fp32PromptLinear): int8 prompts cost 1.2-1.6 points of
+  easy-VQA there, since fbgemm quantises activations to 7 bits on AVX2.
   Measured on the default model (README): easy-VQA 99.36% at batch 16 against fp32's 99.38% (plain
   dynamic int8 prompts: 0.7-0.9 points below); batch VQA about 2x faster. "auto" picks it on a CPU, "none" keeps fp32.
   torchao's int8 paths were measured too and were slower on this CPU in eager mode (they dequantise the
@@ -33,6 +35,9 @@ KEEP_FP32 = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 # Llama-style MLP gate and up projections, fused or not: their outputs feed only act(gate) * up, then the
 # down projection (Bf16PromptLinear keeps them bf16 on the bf16 path)
 MLP_INPUT_PROJECTIONS = ("gate_up_proj", "gate_proj", "up_proj")
+# Without fast bf16, calls of this many rows or more (prompts; not batch VQA's decode steps of up to 16 rows) keep
+# fp32 weights: Fp32PromptLinear
+PROMPT_ROWS_FP32_FROM = 17
 CHOICES = ("auto", "none", *BITSANDBYTES, *AFTER_LOADING)
 HELP = ("LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 (smoothed "
         "int8 on the CPU: faster, answers can differ slightly from full precision), 4bit / 8bit (bitsandbytes)")
@@ -107,6 +112,21 @@ class Bf16PromptLinear(torch.nn.Module):
         return y if self.bf16_output else y.to(self.output_dtype)
 
 
+class Fp32PromptLinear(torch.nn.Module):
+    """Inputs of `min_rows` rows or more (prompts) through the fp32 layer itself, fewer rows (decode steps) through
+    `few_rows`, its smoothed int8 version: for a CPU without fast bf16. There fbgemm's dynamic int8 quantises each
+    call's activations to 7 bits (`reduce_range`: AVX2's 16-bit multiply-adds would overflow with 8) with one scale
+    for the whole call, and the default model lost 1.2-1.6 points of easy-VQA with int8 prompts (2-core AMD EPYC,
+    AVX2: 98.23% at batch 16 and 97.80% at batch 1 on the first 1,000, against fp32's 99.40% there)."""
+
+    def __init__(self, linear: torch.nn.Linear, few_rows: torch.nn.Module, min_rows: int):
+        super().__init__()
+        self.linear, self.few_rows, self.min_rows = linear, few_rows, min_rows
+
+    def forward(self, x):
+        return self.linear(x) if x.numel() // x.shape[-1] >= self.min_rows else self.few_rows(x)
+
+
 @functools.cache  # a property of the machine: decided once per process (load_model asks twice)
 def bf16_matmul_is_fast(size: int = 768, rows: int = 64) -> bool:
     """Whether bf16 matrix products run fast on this CPU (measured: CPUs without bf16 units convert and run
@@ -175,6 +195,8 @@ def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
             if bf16_prompts:
                 replacement = Bf16PromptLinear(module, replacement, min_rows=32,
                                                bf16_output=name.rsplit(".", 1)[-1] in MLP_INPUT_PROJECTIONS)
+            else:  # prompts in fp32 (int8 cost accuracy there: Fp32PromptLinear); batch VQA's steps of 16 rows int8
+                replacement = Fp32PromptLinear(module, replacement, min_rows=PROMPT_ROWS_FP32_FROM)
         else:
             replacement = _dynamic_int8(module)
         llm.set_submodule(name, replacement)

@@ -1,11 +1,13 @@
 """The CPU int8 path's layers: SmoothQuant factors rescue a layer whose input has an outlier channel;
-prompt rows can go through bf16 (close to fp32) while decode rows keep their fp32 or int8 path."""
+prompt rows can go through bf16 (close to fp32) or, without fast bf16, fp32, while decode rows keep their
+fp32 or int8 path."""
 
 import pytest
 import torch
 
-from assistant.quantization import (Bf16PromptLinear, SmoothedInt8Linear, _dynamic_int8, bf16_matmul_is_fast,
-                                    linear_input_ranges)
+from assistant import quantization
+from assistant.quantization import (Bf16PromptLinear, Fp32PromptLinear, SmoothedInt8Linear, _dynamic_int8,
+                                    bf16_matmul_is_fast, linear_input_ranges)
 
 
 def test_smoothing_with_outlier_channels_beats_plain_dynamic_int8():
@@ -51,6 +53,25 @@ def test_bf16_prompt_rows_stay_close_and_few_rows_take_the_other_path():
         few = gate_up(x_short[:, :2]).bfloat16()  # two bf16 rows: below min_rows, still the bf16 path
         assert torch.equal(down(few), torch.nn.functional.linear(few, down.weight_bf16, down.bias_bf16).float())
     assert isinstance(bf16_matmul_is_fast(), bool)
+
+
+def test_without_fast_bf16_prompt_rows_keep_fp32_and_decode_rows_int8(monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48)
+    x_short, x_long = torch.randn(1, 3, 96), torch.randn(1, 40, 96)
+    int8 = SmoothedInt8Linear(linear, x_long.abs().amax((0, 1)))
+    layer = Fp32PromptLinear(linear, int8, min_rows=17)
+    with torch.no_grad():
+        assert torch.equal(layer(x_long), linear(x_long))  # prompts exact
+        assert torch.equal(layer(x_short), int8(x_short)) and not torch.equal(layer(x_short), linear(x_short))
+    # quantize_int8 wraps the smoothed layers so where bf16 is slow; the MLP output projection stays fp32
+    monkeypatch.setattr(quantization, "bf16_matmul_is_fast", lambda: False)
+    block = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(96, 96), "down_proj": torch.nn.Linear(96, 96)})
+    block.get_output_embeddings = lambda: None
+    quantization.quantize_int8(block, {"q_proj": x_long.abs().amax((0, 1))})
+    assert type(block["q_proj"]) is Fp32PromptLinear and type(block["q_proj"].few_rows) is SmoothedInt8Linear
+    assert block["q_proj"].min_rows == quantization.PROMPT_ROWS_FP32_FROM > 16  # batch VQA's 16-row steps: int8
+    assert type(block["down_proj"]) is torch.nn.Linear
 
 
 def test_bf16_speed_on_x86_follows_the_cpu_flags_not_a_timing(monkeypatch):

@@ -60,7 +60,7 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
 
     layer = quant.llm.model.layers[0]  # query/key/value and gate/up fused (fused_projections.py)
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
-        linear = getattr(linear, "few_rows", linear)  # on a CPU with fast bf16, prompts bypass int8
+        linear = getattr(linear, "few_rows", linear)  # prompt rows bypass int8 (bf16 where it is fast, else fp32)
         assert isinstance(linear, SmoothedInt8Linear)  # calibrated at load time
         assert isinstance(linear.linear, torch.ao.nn.quantized.dynamic.Linear)  # torch.ao dynamic int8
         assert linear.inverse_factors.min() > 0
