@@ -20,11 +20,12 @@ length), through our one-token attention kernel (decode_attention.py: each key/v
 the query heads that share it, positions split evenly over the threads), or where that cannot be built,
 through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
 
-Measured on the default model (README, benchmarks/chat_speed.py): more than 3x the eager int8 decode
-steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.50-0.54x
-since gate/up stay int4, 0.52x with the step's guards on its arguments only).
+Measured on the default model (README, benchmarks/chat_speed.py): on the AMX machine more than 3x the eager int8
+decode steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.50-0.54x
+since gate/up stay int4, 0.52x with the step's guards on its arguments only); on the AVX2 machine (all-int8)
+about 3x the eager int8 steps, 5.7-6.0x `generate`, 0.71-0.82x llama.cpp.
 Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
-the weights; 20-25 s afterwards), so it runs in a background thread at load, ends with a check that
+the weights; 20-25 s afterwards on the AMX machine, 40-48 s on the AVX2 one), so it runs in a background thread at load, ends with a check that
 one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
 whenever it cannot be used: a batch of another size than the one it was compiled for (1 for chat), a
 padded row at batch 1, a context longer than the static cache, a second reply generated at the same time,
