@@ -25,9 +25,9 @@ decode steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.c
 since gate/up stay int4, 0.52x with the step's guards on its arguments only); on the AVX2 machine (all-int8)
 about 3x the eager int8 steps, 5.7-6.0x `generate`, 0.71-0.82x llama.cpp.
 Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
-the weights; 20-25 s afterwards on the AMX machine, 40-48 s on the AVX2 one), so it runs in a background thread at load, ends with a check that
-one compiled step agrees with the eager one, and decoding uses the eager path until it is ready, or
-whenever it cannot be used: a batch of another size than the one it was compiled for (1 for chat), a
+the weights; 20-25 s afterwards on the AMX machine, 40-48 s on the AVX2 one), so it runs in a background thread
+at load, ends with a check that one compiled step agrees with the eager one, and decoding uses the eager path
+until it is ready, or whenever it cannot be used: a batch of another size than the one it was compiled for (1 for chat), a
 padded row at batch 1, a context longer than the static cache, a second reply generated at the same time,
 a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and warned
 once). A decoder for batches of N rows (batch VQA's left-padded rows, after a shared image prefix) has a
@@ -357,8 +357,8 @@ def prime_fx_tracing() -> None:
 def compiled_steps_run_fast() -> bool:
     """Whether load_model should compile decode steps on this CPU: where they were measured faster than the eager
     int8 steps. x86 with AVX-512 (AMX machine, default model: 3x eager) or AVX2 (a 2-core AMD EPYC without
-    AVX-512 or fast bf16: 56-68 tokens/s against 24-31 eager; the bf16 activations cost little there, the int8
-    and int4 weights are what a step reads, through inductor's AVX2 micro-GEMMs and torch's int4 kernel);
+    AVX-512 or fast bf16: 56-68 tokens/s against 24-31 eager with int4 layers, 83-92 all-int8; the bf16
+    activations cost little there, the int8 weights are what a step reads, through inductor's AVX2 micro-GEMMs);
     elsewhere (ARM, x86 without AVX2) only where bf16 matrix products are fast, as before that measurement."""
     from .quantization import bf16_matmul_is_fast
 
