@@ -27,8 +27,8 @@ about 3x the eager int8 steps, 5.7-6.0x `generate`, 0.71-0.82x llama.cpp.
 Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
 the weights; 20-25 s afterwards on the AMX machine, 40-48 s on the AVX2 one), so it runs in a background thread
 at load, ends with a check that one compiled step agrees with the eager one, and decoding uses the eager path
-until it is ready, or whenever it cannot be used: a batch of another size than the one it was compiled for (1 for chat), a
-padded row at batch 1, a context longer than the static cache, a second reply generated at the same time,
+until it is ready, or whenever it cannot be used: a batch of another size than the one it was compiled for (1 for
+chat), a padded row at batch 1, a context longer than the static cache, a second reply generated at the same time,
 a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and warned
 once). A decoder for batches of N rows (batch VQA's left-padded rows, after a shared image prefix) has a
 graph of its own that also takes the rows' attention mask and positions, and attends through SDPA with the
