@@ -275,7 +275,7 @@ def weight_only_copy(llm, dtype=torch.bfloat16, int4: bool | None = None):
     return fast
 
 
-def _weight_only_linear(linear: torch.nn.Linear, lora, dtype, int4: bool = True):
+def _weight_only_linear(linear: torch.nn.Linear, lora, dtype, int4: bool):
     # the grid is looked for only where int4 could be used: it is most of the copy's time at load
     int4_pays = int4 and (lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS)
     grid = exact_int4_grid(linear.weight) if int4_pays else None

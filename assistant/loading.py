@@ -9,6 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from .checkpoint import is_checkpoint, load_checkpoint
+from .compiled_decode import CompiledDecoder, compiled_steps_run_fast
 from .cpu_attention import use_cpu_grouped_sdpa
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import is_llava_dir, load_llava
@@ -33,11 +34,9 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
-    if mode in AFTER_LOADING and compile_decode and _compiled_steps_run_fast():
+    if mode in AFTER_LOADING and compile_decode and compiled_steps_run_fast():
         # made from the fp32 weights before they become int8, and before the adapter is merged (the decode
         # steps keep 4-bit base weights as they are, with the adapter beside them: compiled_decode.py)
-        from .compiled_decode import CompiledDecoder
-
         context = getattr(model.llm.config, "max_position_embeddings", 2048)
         try:
             decoder = CompiledDecoder(model.llm, max_length=min(context, decode_cache_length(decode_batch_size)),
@@ -52,12 +51,6 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     use_cpu_grouped_sdpa(model.llm)  # prompts' attention on the CPU without per-head copies (cpu_attention.py)
     return model, processor
-
-
-def _compiled_steps_run_fast() -> bool:
-    from .compiled_decode import compiled_steps_run_fast  # imported only where int8 decode steps may compile
-
-    return compiled_steps_run_fast()
 
 
 def decode_cache_length(batch_size: int) -> int:
