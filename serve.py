@@ -62,7 +62,7 @@ def compile_decode_steps(decoder) -> None:
         return
     import threading
 
-    decoder.start()
+    decoder.start(yield_to_replies=True)  # a person waits on each reply: the compile pauses for them
 
     print("note: compiling the decode steps in the background (about 2 minutes the first time); replies "
           "use the eager int8 steps until then (--no-compile: always)", file=sys.stderr, flush=True)

@@ -51,7 +51,6 @@ import hashlib
 import inspect
 import logging
 import re
-import sys
 import threading
 import time
 import types
@@ -65,6 +64,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import decode_attention
+from .background_compile import short_gil_slices, yielding_to_replies
 from .fused_projections import fuse_projections, merge_lora
 from .generation import cache_kwarg, position_ids_from_mask
 
@@ -297,35 +297,6 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-# While steps compile in the background, the compile's Python (Dynamo tracing) hands the GIL to the thread serving
-# replies every 0.1 ms instead of Python's 5 ms: every one of an eager reply's few hundred operator calls waits for
-# it. Measured, a 16-token reply every second during a compile (cached, 32-33 s either way): up to 13.9 s with 5 ms,
-# up to 5.0 s with 0.1 ms, 0.2 s with no compile running.
-COMPILE_SWITCH_INTERVAL = 1e-4
-_switch_lock = threading.Lock()
-_compiles_running = 0
-_saved_switch_interval = 0.005
-
-
-@contextlib.contextmanager
-def short_gil_slices():
-    """Python's thread switch interval at most COMPILE_SWITCH_INTERVAL within the block (nested and concurrent
-    blocks too; the interval before the first one comes back after the last)."""
-    global _compiles_running, _saved_switch_interval
-    with _switch_lock:
-        if _compiles_running == 0:
-            _saved_switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(_saved_switch_interval, COMPILE_SWITCH_INTERVAL))
-        _compiles_running += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _compiles_running -= 1
-            if _compiles_running == 0:
-                sys.setswitchinterval(_saved_switch_interval)
-
-
 def guards_on_step_arguments(entries) -> list[bool]:
     """Which of Dynamo's guards a compiled step checks before each call: those on the step's arguments (their
     types, shapes, strides, valid_length's range) and on global state (grad mode...), not the 800 on the decoder's
@@ -396,10 +367,12 @@ class CompiledDecoder:
         self._thread = None
 
     # ---- compiling ------------------------------------------------------------------------------
-    def start(self) -> "CompiledDecoder":
-        """Compile and warm up in a background thread (decoding stays eager until `ready`)."""
+    def start(self, yield_to_replies: bool = False) -> "CompiledDecoder":
+        """Compile and warm up in a background thread (decoding stays eager until `ready`); `yield_to_replies`:
+        the compile pauses while the engine computes a reply (background_compile.py; for serving people)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._compile, name="compile-decode", daemon=True)
+            self._thread = threading.Thread(target=self._compile, args=(yield_to_replies,), name="compile-decode",
+                                            daemon=True)
             self._thread.start()
         return self
 
@@ -425,10 +398,10 @@ class CompiledDecoder:
             real_tokens = torch.full((self.batch_size, 1), position)
         return self.mask, real_tokens
 
-    def _compile(self) -> None:
+    def _compile(self, yield_to_replies: bool = False) -> None:
         start = time.perf_counter()
-        try:
-            with short_gil_slices():  # replies served meanwhile get the GIL back sooner
+        try:  # replies served meanwhile get the GIL back sooner, or the whole machine while they compute
+            with short_gil_slices(), yielding_to_replies(yield_to_replies):
                 self._warm_up()
                 self._check_against_eager()
             self.compile_seconds = time.perf_counter() - start

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .background_compile import computed_while_replying, replying
 from .chat_format import ConversationError
 from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from .images import load_image
@@ -109,6 +110,10 @@ class Engine:
     # ---- batch questions -------------------------------------------------------------------
     def answer_batch(self, conversations, images, config: GenerationConfig | None = None) -> list[str]:
         """Answer a batch of conversations (each with its list of images); returns the replies."""
+        with replying():  # compiles that yield to replies wait (background_compile.py)
+            return self._answer_batch(conversations, images, config)
+
+    def _answer_batch(self, conversations, images, config):
         config = (config or GenerationConfig(max_new_tokens=32)).validate()
         ids = [self.processor.encode(c, ims).input_ids for c, ims in zip(conversations, images)]
         pixels = [self.processor.preprocess_images(ims) if ims else None for ims in images]
@@ -185,7 +190,8 @@ class Engine:
             session.cache.crop(reuse - session.cache.get_seq_length())  # negative: drop that many positions
         missing = [i for i, im_id in enumerate(session.image_ids) if im_id not in session.features]
         if missing:
-            new = self.encode_images([session.images[i] for i in missing])
+            with replying():  # compiles that yield to replies wait (background_compile.py)
+                new = self.encode_images([session.images[i] for i in missing])
             for k, i in enumerate(missing):
                 session.features[session.image_ids[i]] = new[k]
         features = torch.stack([session.features[i] for i in session.image_ids]) if session.image_ids else None
@@ -197,8 +203,9 @@ class Engine:
         generated: list[int] = []
         session.cached_keys = []  # invalid while the cache is being extended
         try:
-            for step in decode(self.model, embeds, mask, config, self.end_ids, cache=session.cache,
-                               past_length=reuse, should_stop=should_stop):
+            steps = decode(self.model, embeds, mask, config, self.end_ids, cache=session.cache, past_length=reuse,
+                           should_stop=should_stop)
+            for step in computed_while_replying(steps):  # the prompt and each step; not the caller's work
                 token = int(step[0])
                 generated.append(token)
                 if token in self.end_ids:

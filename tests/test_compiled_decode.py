@@ -427,28 +427,3 @@ def test_batch_vqa_uses_the_batch_steps_for_full_batches_only(model_and_processo
         assert steps and {args[0].shape[0] for args in steps} == {3}
         steps.clear()
         assert len(ask(2)) == 2 and not steps  # a batch of another size steps eagerly
-
-
-def test_compiling_shortens_the_thread_switch_interval_and_gives_it_back():
-    import sys
-    import threading
-
-    from assistant.compiled_decode import COMPILE_SWITCH_INTERVAL, short_gil_slices
-
-    before = sys.getswitchinterval()
-    inside, release = threading.Event(), threading.Event()
-
-    def second_compile():  # a second decoder compiling at the same time, finishing after the first
-        with short_gil_slices():
-            inside.set()
-            release.wait(10)
-
-    other = threading.Thread(target=second_compile)
-    with short_gil_slices():
-        assert sys.getswitchinterval() <= COMPILE_SWITCH_INTERVAL + 1e-9
-        other.start()
-        assert inside.wait(10)
-    assert sys.getswitchinterval() <= COMPILE_SWITCH_INTERVAL + 1e-9  # the other one still compiles
-    release.set()
-    other.join(10)
-    assert sys.getswitchinterval() == before
