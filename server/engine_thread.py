@@ -14,6 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 
+from assistant.background_compile import replying
+
 _DONE = object()
 
 
@@ -55,10 +57,11 @@ class EngineThread:
 
         def job() -> None:
             try:
-                for delta in self.engine.stream_chat(session, config, should_stop=stop):
-                    out.put(delta)
-                    if cancelled.is_set():
-                        break
+                with replying():  # the whole reply, also between its tokens: a compile that yields to replies waits
+                    for delta in self.engine.stream_chat(session, config, should_stop=stop):
+                        out.put(delta)
+                        if cancelled.is_set():
+                            break
                 out.put(_DONE)
             except BaseException as e:  # raised on the consumer's thread
                 out.put(e)

@@ -56,3 +56,19 @@ def test_a_failed_load_is_raised_by_the_constructor():
 
     with pytest.raises(FileNotFoundError, match="no such model"):
         EngineThread(load)
+
+
+def test_a_reply_is_marked_as_replying_as_a_whole(engine_thread):
+    """The engine marks each step of a reply, the thread the whole reply: a compile that yields to replies
+    (serve.py's, background_compile.py) does not wake between its tokens."""
+    from assistant import background_compile
+
+    seen = []
+
+    def stop():
+        seen.append(background_compile._replies)
+        return False
+
+    "".join(engine_thread.stream_chat(ask(), GenerationConfig(max_new_tokens=6), should_stop=stop))
+    assert seen and set(seen) == {2}  # the reply's own mark and its step's
+    assert background_compile._replies == 0
