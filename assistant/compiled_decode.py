@@ -24,17 +24,17 @@ Measured on the default model (README, benchmarks/chat_speed.py): on the AMX mac
 decode steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.50-0.54x
 since gate/up stay int4, 0.52x with the step's guards on its arguments only); on the AVX2 machine (all-int8)
 about 3x the eager int8 steps, 5.7-6.0x `generate`, 0.71-0.82x llama.cpp.
-Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of
-the weights; 20-25 s afterwards on the AMX machine, 32-35 s on the AVX2 one, 41-60 s beside other work), so it
-runs in a background thread at load, ends with a check that one compiled step agrees with the eager one, and
-decoding uses the eager path until it is ready, or whenever it cannot be used: a batch of another size than the
-one it was compiled for (1 for chat), a padded row at batch 1, a context longer than the static cache, a second
-reply generated at the same time, a compiler missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and warned
-once). A decoder for batches of N rows (batch VQA's left-padded rows, after a shared image prefix) has a
-graph of its own that also takes the rows' attention mask and positions, and attends through SDPA with the
-mask: at batch 16, 20 ms a step against 46 for the eager int8 steps of all 16 rows; but batch VQA's packed
-batches (packed_batch.py) step only the rows still answering, so this pays only where answers run long (a
-sentence: about 10% more items/s; one word: 2% fewer) and only on request (`python -m assistant.vqa run
+Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of the
+weights; 20-25 s afterwards on the AMX machine, 32-35 s on the AVX2 one, 41-60 s beside other work), so it runs in
+a background thread at load, ends with a check that one compiled step agrees with the eager one, and decoding uses
+the eager path until it is ready, or whenever it cannot be used: a batch of another size than the one it was
+compiled for (1 for chat), a padded row at batch 1, a context longer than the static cache, a second reply
+generated at the same time, a compiler missing or failing, a failed check (the error is kept in
+`CompiledDecoder.error` and warned once). A decoder for batches of N rows (batch VQA's left-padded rows, after a
+shared image prefix) has a graph of its own that also takes the rows' attention mask and positions, and attends
+through SDPA with the mask: at batch 16, 20 ms a step against 46 for the eager int8 steps of all 16 rows; but batch
+VQA's packed batches (packed_batch.py) step only the rows still answering, so this pays only where answers run long
+(a sentence: about 10% more items/s; one word: 2% fewer) and only on request (`python -m assistant.vqa run
 --compile always`).
 
 Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
