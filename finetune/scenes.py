@@ -1,7 +1,8 @@
 """Synthetic scenes for the default model: shapes of several colours and sizes, with captions and
 multi-turn questions (colour, shape, counting, existence, position, relations, largest/smallest,
-description). Deterministic by seed. Some colour-shape pairs never appear in training, so a held-out
-split measures generalisation to unseen compositions.
+description). Deterministic by seed. Three splits: train; test, new scenes of the training distribution;
+compositions, scenes each holding at least one of the colour-shape pairs that never appear in train or test
+(generalisation to unseen compositions).
 
     python -m finetune.scenes --out data/scenes --train 6000 --test 600
 """
@@ -27,8 +28,9 @@ COLOURS = {
     "black": (20, 20, 20), "gray": (140, 140, 140),
 }
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross"]
+PLURALS = {"cross": "crosses"}  # the other shapes take an "s"
 SIZES = {"small": 9, "large": 15}  # radius in pixels
-# Never in training: measures generalisation to unseen compositions.
+# Never in train or test: only the compositions split draws them (generalisation to unseen compositions).
 HELD_OUT_PAIRS = {("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "cross"),
                   ("purple", "square"), ("orange", "diamond")}
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
@@ -79,8 +81,9 @@ def sample_scene(rng: random.Random, split: str) -> list[Thing]:
     while len(things) < n and attempts < 500:
         attempts += 1
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        held = (colour, shape) in HELD_OUT_PAIRS
-        if split == "train" and held:
+        # Held-out pairs appear only in the compositions split: the test split measures new scenes of the
+        # training distribution, the compositions split (at least one held-out pair each) generalisation.
+        if (colour, shape) in HELD_OUT_PAIRS and split != "compositions":
             continue
         size = rng.choice(list(SIZES))
         r = SIZES[size]
@@ -137,7 +140,7 @@ def questions(things: list[Thing], rng: random.Random) -> list[tuple[str, str, s
     qs.append(("count", rng.choice(["How many objects are there?", "How many shapes are in the image?"]),
                str(len(things))))
     s = rng.choice(SHAPES)
-    qs.append(("count", f"How many {s}s are there?", str(len(by_shape[s]))))
+    qs.append(("count", f"How many {PLURALS.get(s, s + 's')} are there?", str(len(by_shape[s]))))
     c = rng.choice(list(COLOURS))
     qs.append(("count", f"How many {c} objects are there?", str(len(by_colour[c]))))
     # existence: one present, one absent (often a near miss: a present shape in another colour)
