@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration,
                                  reason="no trained default model in this checkout")]
 SHORT = "\nAnswer the question using a single word or phrase."
 # Measured on the full sets (README's model card): easy-VQA test about 99%; held-out scenes colour
-# and shape about 85% (its weakest skills). Chance is about 10-15%.
+# and shape about 91.5% (with counting, its weakest skills). Chance is about 10-15%.
 MIN_EASY_VQA_ACCURACY = 0.85
 MIN_SCENE_ACCURACY = 0.65
 
