@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import json
 import math
 import random
 
-from finetune.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, SIZES, questions, sample_scene, write_split
+from finetune.scenes import COLOURS, HELD_OUT_PAIRS, PLURALS, SHAPES, SIZES, questions, sample_scene, write_split
 
 
 def scenes(split, count=400):
@@ -56,3 +57,19 @@ def test_count_questions_name_each_shape_in_its_plural():
              if qtype == "count" and "objects" not in q and "shapes" not in q}
     assert asked == {f"How many {p} are there?" for p in
                      ("circles", "squares", "triangles", "stars", "diamonds", "crosses")}
+
+
+def test_count_drills_ask_every_shape_on_scenes_of_the_training_distribution(tmp_path):
+    write_split(tmp_path, "counting", 40, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "counting_questions.jsonl").read_text().splitlines()]
+    assert {r["question_type"] for r in rows} == {"count"}
+    by_image = collections.defaultdict(dict)
+    for r in rows:
+        by_image[r["image"]][r["question"]] = int(r["answer"])
+    assert len(by_image) == 40 and all(len(qs) == 8 for qs in by_image.values())
+    for qs in by_image.values():
+        shape_counts = [qs[f"How many {PLURALS.get(s, s + 's')} are there?"] for s in SHAPES]
+        totals = [n for q, n in qs.items() if q in ("How many objects are there?", "How many shapes are in the image?")]
+        assert totals == [sum(shape_counts)]
+    captions = (tmp_path / "counting_captions.jsonl").read_text()
+    assert not any(f"{colour} {shape}" in captions for colour, shape in HELD_OUT_PAIRS)
