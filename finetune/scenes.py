@@ -125,6 +125,22 @@ def caption(things: list[Thing]) -> str:
     return f"{head}: " + ", ".join(parts) + "."
 
 
+def plural(shape: str) -> str:
+    return PLURALS.get(shape, shape + "s")
+
+
+def count_all(things: list[Thing], rng: random.Random) -> tuple[str, str, str]:
+    return "count", rng.choice(["How many objects are there?", "How many shapes are in the image?"]), str(len(things))
+
+
+def count_shape(things: list[Thing], shape: str) -> tuple[str, str, str]:
+    return "count", f"How many {plural(shape)} are there?", str(sum(t.shape == shape for t in things))
+
+
+def count_colour(things: list[Thing], colour: str) -> tuple[str, str, str]:
+    return "count", f"How many {colour} objects are there?", str(sum(t.colour == colour for t in things))
+
+
 def questions(things: list[Thing], rng: random.Random) -> list[tuple[str, str, str]]:
     """(question type, question, answer) covering every type that this scene supports."""
     qs = []
@@ -138,12 +154,9 @@ def questions(things: list[Thing], rng: random.Random) -> list[tuple[str, str, s
         if len(by_colour[t.colour]) == 1:
             qs.append(("shape", rng.choice([f"What shape is the {t.colour} object?",
                                             f"Which shape is {t.colour}?"]), t.shape))
-    qs.append(("count", rng.choice(["How many objects are there?", "How many shapes are in the image?"]),
-               str(len(things))))
-    s = rng.choice(SHAPES)
-    qs.append(("count", f"How many {PLURALS.get(s, s + 's')} are there?", str(len(by_shape[s]))))
-    c = rng.choice(list(COLOURS))
-    qs.append(("count", f"How many {c} objects are there?", str(len(by_colour[c]))))
+    qs.append(count_all(things, rng))
+    qs.append(count_shape(things, rng.choice(SHAPES)))
+    qs.append(count_colour(things, rng.choice(list(COLOURS))))
     # existence: one present, one absent (often a near miss: a present shape in another colour)
     present = rng.choice(things)
     qs.append(("exist", f"Is there a {present.colour} {present.shape}?", "yes"))
@@ -184,13 +197,8 @@ def count_drill(things: list[Thing], rng: random.Random) -> list[tuple[str, str,
     """The "counting" split's questions: every shape's count, the total and a present colour's count.
     Counting one shape among others is the default model's weakest skill, and in the ordinary questions the
     counted shape is drawn among all six, so most of those answers are 0."""
-    qs = [("count", f"How many {PLURALS.get(s, s + 's')} are there?", str(sum(t.shape == s for t in things)))
-          for s in SHAPES]
-    qs.append(("count", rng.choice(["How many objects are there?", "How many shapes are in the image?"]),
-               str(len(things))))
-    c = rng.choice(things).colour
-    qs.append(("count", f"How many {c} objects are there?", str(sum(t.colour == c for t in things))))
-    return qs
+    return [count_shape(things, s) for s in SHAPES] + [count_all(things, rng),
+                                                       count_colour(things, rng.choice(things).colour)]
 
 
 def make_sample(index: int, split: str, seed: int, image_dir: Path, max_turns: int = 12):

@@ -7,7 +7,7 @@ import json
 import math
 import random
 
-from finetune.scenes import COLOURS, HELD_OUT_PAIRS, PLURALS, SHAPES, SIZES, questions, sample_scene, write_split
+from finetune.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, SIZES, plural, questions, sample_scene, write_split
 
 
 def scenes(split, count=400):
@@ -68,7 +68,7 @@ def test_count_drills_ask_every_shape_on_scenes_of_the_training_distribution(tmp
         by_image[r["image"]][r["question"]] = int(r["answer"])
     assert len(by_image) == 40 and all(len(qs) == 8 for qs in by_image.values())
     for qs in by_image.values():
-        shape_counts = [qs[f"How many {PLURALS.get(s, s + 's')} are there?"] for s in SHAPES]
+        shape_counts = [qs[f"How many {plural(s)} are there?"] for s in SHAPES]
         totals = [n for q, n in qs.items() if q in ("How many objects are there?", "How many shapes are in the image?")]
         assert totals == [sum(shape_counts)]
     captions = (tmp_path / "counting_captions.jsonl").read_text()
