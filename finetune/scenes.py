@@ -263,6 +263,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes drawing scenes (same files for any number)")
     args = p.parse_args(argv)
+    for option in ("train", "test", "counting"):
+        if getattr(args, option) < 0:
+            p.error(f"--{option} is a number of scenes: 0 or more, not {getattr(args, option)}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, not {args.workers}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = [("train", args.train), ("test", args.test), ("compositions", args.test)]

@@ -7,7 +7,19 @@ import json
 import math
 import random
 
-from finetune.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, SIZES, plural, questions, sample_scene, write_split
+import pytest
+
+from finetune.scenes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    SIZES,
+    main,
+    plural,
+    questions,
+    sample_scene,
+    write_split,
+)
 
 
 def scenes(split, count=400):
@@ -73,3 +85,11 @@ def test_count_drills_ask_every_shape_on_scenes_of_the_training_distribution(tmp
         assert totals == [sum(shape_counts)]
     captions = (tmp_path / "counting_captions.jsonl").read_text()
     assert not any(f"{colour} {shape}" in captions for colour, shape in HELD_OUT_PAIRS)
+
+
+@pytest.mark.parametrize("option, value", [("--counting", "-3"), ("--train", "-1"), ("--workers", "0")])
+def test_bad_counts_are_a_clear_error(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "scenes"), "--train", "1", "--test", "1", option, value])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err and not (tmp_path / "scenes").exists()
