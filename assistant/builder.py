@@ -29,18 +29,19 @@ def add_image_token(tokenizer, image_token: str) -> int:
 
 
 def build_model(config: ModelConfig, *, llm=None, tokenizer=None, image_processor=None, quantize=None,
-                device_map=None):
+                device_map=None, chat_template: str | None = None):
     """A model with the LLM from `config.llm` (or the one given), and fresh or pretrained vision weights."""
     if llm is None:
         llm, tokenizer = load_llm(config.llm, quantize=quantize, device_map=device_map)
     vision_model = build_vision_model(config.vision)
     tower = VisionTower(vision_model, config.vision.feature_layer, config.vision.drop_cls)
     llm_hidden = llm.get_input_embeddings().weight.shape[-1]
-    projector = build_projector(config.projector, tower.hidden_size, llm_hidden, tower.num_patches)
+    projector = build_projector(config.projector, tower.hidden_size, llm_hidden, tower.num_positions)
     image_token_id = add_image_token(tokenizer, config.image_token)
     model = VisionLanguageModel(config, tower, projector, llm, image_token_id)
     model.vision_tower.to(model.device)
     model.projector.to(model.device)
     processor = VLMProcessor(image_processor or make_image_processor(config), tokenizer, config.image_token,
-                             model.tokens_per_image)
+                             model.tokens_per_image, chat_template=chat_template, image_layout=config.image_layout,
+                             source=config.llm)
     return model, processor

@@ -4,6 +4,7 @@
     vision_tower.safetensors   vision tower weights
     projector.safetensors      projector weights
     preprocessor_config.json   the image processor
+    chat_template.jinja        the chat template the model was trained with (typed content parts)
     adapter/                   optional peft LoRA adapter on top of the LLM named in vlm_config.json
     llm/                       optional full LLM (+ tokenizer), when its weights were trained or merged
 
@@ -36,7 +37,9 @@ def state_dict_for_saving(module: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-MODEL_ENTRIES = ("vision_tower.safetensors", "projector.safetensors", "preprocessor_config.json", "adapter", "llm")
+TEMPLATE_NAME = "chat_template.jinja"
+MODEL_ENTRIES = ("vision_tower.safetensors", "projector.safetensors", "preprocessor_config.json", TEMPLATE_NAME,
+                 "adapter", "llm")
 
 
 def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> Path:
@@ -76,6 +79,7 @@ def _write(model, processor, out: Path, save_llm: bool) -> None:
     save_file(state_dict_for_saving(model.vision_tower.model), str(out / "vision_tower.safetensors"))
     save_file(state_dict_for_saving(model.projector), str(out / "projector.safetensors"))
     processor.image_processor.save_pretrained(out)
+    (out / TEMPLATE_NAME).write_text(processor.chat.chat_template)
     llm = model.llm
     if isinstance(llm, PeftModel):
         llm.save_pretrained(out / "adapter", safe_serialization=True)
@@ -105,7 +109,9 @@ def load_checkpoint(directory, *, quantize=None, device_map=None, llm_override: 
         refuse_pickle_only(directory / "llm")
     llm, tokenizer = load_llm(llm_source, quantize=quantize, device_map=device_map)
     image_processor = AutoImageProcessor.from_pretrained(directory)
-    model, processor = build_model(config, llm=llm, tokenizer=tokenizer, image_processor=image_processor)
+    template = directory / TEMPLATE_NAME
+    model, processor = build_model(config, llm=llm, tokenizer=tokenizer, image_processor=image_processor,
+                                   chat_template=template.read_text() if template.is_file() else None)
     model.vision_tower.model.load_state_dict(load_file(str(directory / "vision_tower.safetensors")))
     model.projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
     if (directory / "adapter").is_dir():

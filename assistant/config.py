@@ -12,16 +12,18 @@ CONFIG_NAME = "vlm_config.json"
 
 @dataclass
 class VisionConfig:
-    """The vision tower: a transformers CLIP or SigLIP vision model."""
+    """The vision tower: a transformers CLIP, SigLIP or BLIP-2 vision model."""
 
-    model_type: str = "clip"  # "clip" | "siglip"
-    # Keyword arguments of CLIPVisionConfig / SiglipVisionConfig (a full config when saved).
+    model_type: str = "clip"  # "clip" | "siglip" | "blip2"
+    # Keyword arguments of CLIPVisionConfig / SiglipVisionConfig / Blip2VisionConfig (a full config when saved).
     config: dict = field(default_factory=dict)
     # Where the initial weights come from when a model is first built: a hub id, a local
     # directory (CLIPModel, CLIPVisionModel, Siglip...), or None for random weights.
     pretrained: str | None = None
-    feature_layer: int = -2  # hidden state to read, as LLaVA (penultimate layer)
-    drop_cls: bool = True  # drop the CLS token (CLIP has one; SigLIP does not)
+    # hidden state to read, as LLaVA (penultimate layer); a list: several, side by side; None: the last hidden
+    # state after the final layer norm (BLIP-2)
+    feature_layer: int | list[int] | None = -2
+    drop_cls: bool = True  # drop the first position: LLaVA's "default" feature selection ("full" keeps it)
     frozen: bool = True
 
 
@@ -46,6 +48,9 @@ class ModelConfig:
     # file, or a hub id. A checkpoint whose LLM weights were trained in full stores them in `llm/`.
     llm: str = "smollm2-135m-instruct"
     image_token: str = "<image>"
+    # Where image positions go: "inline" (where the chat template puts each image: LLaVA) or "prefix" (all
+    # before the prompt: BLIP-2)
+    image_layout: str = "inline"
     # Image preprocessing (the CLIP/SigLIP image processor is built from these).
     image_size: int = 224
     image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])

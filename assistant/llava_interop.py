@@ -4,29 +4,34 @@ that transformers, vLLM and SGLang load)."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
-from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, \
+    LlavaProcessor
 
 from .config import ModelConfig, ProjectorConfig, VisionConfig
+from .llm import language_model_of
 from .model import VisionLanguageModel
 from .processor import VLMProcessor
 from .projectors.mlp import MLPProjector
-from .vision import VisionTower, _config_dict
+from .vision import HAS_CLS, VisionTower, _config_dict
+
+
+def hf_model_type(path) -> str | None:
+    """The `model_type` of a transformers checkpoint directory (config.json), or None."""
+    config = Path(path, "config.json")
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError:
+        return None
 
 
 def is_llava_dir(path) -> bool:
-    config = Path(path, "config.json")
-    if not config.is_file():
-        return False
-    import json
-
-    try:
-        return json.loads(config.read_text()).get("model_type") == "llava"
-    except json.JSONDecodeError:
-        return False
+    return hf_model_type(path) == "llava"
 
 
 def merged_llm(model: VisionLanguageModel):
@@ -77,46 +82,66 @@ def export_llava(model: VisionLanguageModel, processor: VLMProcessor, directory)
     llava.model.language_model.load_state_dict(llm.model.state_dict())
     llava.lm_head.load_state_dict(llm.lm_head.state_dict())
     llava.save_pretrained(directory, safe_serialization=True)
+    # the template the model was trained with, in the typed form transformers' processors, vLLM and SGLang send
+    has_cls = HAS_CLS[cfg.vision.model_type]
     LlavaProcessor(
         image_processor=processor.image_processor, tokenizer=processor.tokenizer,
         patch_size=model.vision_tower.model.config.patch_size,
         vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
-        image_token=processor.chat.image_token, num_additional_image_tokens=1 if cfg.vision.drop_cls else 0,
-        chat_template=processor.tokenizer.chat_template,
+        image_token=processor.chat.image_token, num_additional_image_tokens=int(has_cls),
+        chat_template=processor.chat.chat_template,
     ).save_pretrained(directory)
+    if getattr(llm, "generation_config", None) is not None:
+        llm.generation_config.save_pretrained(directory)
     return directory
 
 
-def load_llava(directory):
-    """Load a llava-hf directory into our model: the same weights, the same logits."""
-    directory = Path(directory)
-    from .checkpoint import refuse_pickles
-
-    refuse_pickles(directory)
-    llava = LlavaForConditionalGeneration.from_pretrained(directory, use_safetensors=True, trust_remote_code=False,
+def load_llava(source: str):
+    """Load a llava-hf checkpoint (a directory or hub id) into our model: the same weights, the same prompt (the
+    checkpoint's own processor and chat template), the same logits."""
+    llava = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, trust_remote_code=False,
                                                           dtype=torch.float32)
     lc = llava.config
-    if lc.projector_hidden_act != "gelu" or not isinstance(lc.vision_feature_layer, int):
-        raise ValueError(f"{directory}: only single-layer, GELU-projector LLaVA models are supported")
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    image_token = tokenizer.convert_ids_to_tokens(lc.image_token_index)
+    if lc.projector_hidden_act != "gelu" or not getattr(lc, "multimodal_projector_bias", True):
+        raise ValueError(f"{source}: only LLaVA models with a two-layer GELU projector with biases are supported "
+                         f"(this one: {lc.projector_hidden_act}, bias={lc.multimodal_projector_bias})")
     vision_type = lc.vision_config.model_type.replace("_vision_model", "")
+    if vision_type not in HAS_CLS:
+        raise ValueError(f"{source}: vision tower {lc.vision_config.model_type!r} is not supported (CLIP or SigLIP)")
+    if lc.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"{source}: unknown vision_feature_select_strategy {lc.vision_feature_select_strategy!r}")
+    hf_processor = _hf_processor(source)
     config = ModelConfig(
         vision=VisionConfig(model_type=vision_type, config=_config_dict(lc.vision_config),
                             feature_layer=lc.vision_feature_layer,
                             drop_cls=lc.vision_feature_select_strategy == "default"),
         projector=ProjectorConfig(type="mlp2x_gelu"),
-        llm=str(directory), image_token=image_token, image_size=lc.vision_config.image_size,
-        description=f"LLaVA model loaded from {directory}",
+        llm=str(source), image_token=hf_processor.tokenizer.convert_ids_to_tokens(lc.image_token_index),
+        image_size=lc.vision_config.image_size, description=f"LLaVA model {source}",
     )
     tower = VisionTower(llava.model.vision_tower, config.vision.feature_layer, config.vision.drop_cls)
-    projector = MLPProjector(config.projector, tower.hidden_size, lc.text_config.hidden_size, tower.num_patches)
+    projector = MLPProjector(config.projector, tower.hidden_size, lc.text_config.hidden_size, tower.num_positions)
     projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
-    llm = AutoModelForCausalLM.from_config(lc.text_config, dtype=torch.float32)
-    llm.model.load_state_dict(llava.model.language_model.state_dict())
-    llm.lm_head.load_state_dict(llava.lm_head.state_dict())
-    model = VisionLanguageModel(config, tower, projector, llm, lc.image_token_index).eval()
-    image_processor = AutoImageProcessor.from_pretrained(directory)
-    processor = VLMProcessor(image_processor, tokenizer, image_token, model.tokens_per_image)
+    model = VisionLanguageModel(config, tower, projector, language_model_of(llava), lc.image_token_index).eval()
+    processor = VLMProcessor(hf_processor.image_processor, hf_processor.tokenizer, config.image_token,
+                             model.tokens_per_image, chat_template=hf_processor.chat_template, source=str(source))
     return model, processor
 
+
+def _hf_processor(source):
+    """The checkpoint's own processor (image processor, tokenizer, chat template from wherever it is kept:
+    chat_template.jinja, chat_template.json, processor or tokenizer config)."""
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        processor = None
+    if processor is None or not hasattr(processor, "image_processor"):
+        processor = _Parts(AutoImageProcessor.from_pretrained(source), AutoTokenizer.from_pretrained(source))
+    if getattr(processor, "chat_template", None) is None:
+        processor.chat_template = processor.tokenizer.chat_template
+    return processor
+
+
+class _Parts:
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, None

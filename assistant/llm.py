@@ -1,5 +1,8 @@
 """Loading the language model: the bundled offline SmolLM2, a local directory, a GGUF file, or a hub id.
 
+A directory or hub id of a whole vision-language checkpoint (llava-hf, BLIP-2) gives its language model,
+with the checkpoint's tokenizer and generation settings: a model fine-tuned from one names it as its LLM.
+
 GGUF weights are dequantised once (about 15-45 s) and cached as fp32 safetensors, so later loads
 take a couple of seconds.
 """
@@ -14,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .quantization import quantization_config
 
@@ -104,6 +107,52 @@ def load_llm(spec: str, *, dtype=torch.float32, device_map=None, quantize: str |
         kwargs["device_map"] = device_map
     if quantize:
         kwargs["quantization_config"] = quantization_config(quantize, dtype)
+    composite = composite_model_type(source)
+    if composite:
+        if quantize or device_map is not None:
+            raise ValueError(f"{spec}: 4/8-bit and device_map loading of the language model inside a {composite} "
+                             "checkpoint is not supported; load it without them")
+        return language_model_of(composite_class(composite).from_pretrained(source, **kwargs)), \
+            AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     return model, tokenizer
+
+
+COMPOSITES = ("llava", "blip-2")
+
+
+def composite_model_type(source: str) -> str | None:
+    """"llava" or "blip-2" when `source` (a directory or hub id) holds a whole vision-language checkpoint."""
+    if Path(source).is_dir() and not Path(source, "config.json").is_file():
+        return None
+    try:
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type
+    except (OSError, ValueError):
+        return None  # not a transformers config: from_pretrained below says what is wrong
+    return model_type if model_type in COMPOSITES else None
+
+
+def composite_class(model_type: str):
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    return {"llava": LlavaForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}[model_type]
+
+
+def language_model_of(composite) -> torch.nn.Module:
+    """The causal LM inside a llava-hf or BLIP-2 model, sharing its weights (no copy), with the checkpoint's
+    generation settings (its end-of-reply tokens among them)."""
+    if hasattr(composite, "language_model") and hasattr(composite.language_model, "lm_head"):
+        llm = composite.language_model  # BLIP-2 keeps a whole causal LM
+    else:  # Llava keeps the decoder and the LM head apart: put them back into the text model's causal LM class
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(composite.config.text_config)
+        llm.model = composite.model.language_model
+        llm.lm_head = composite.lm_head
+    source = getattr(composite, "name_or_path", None)
+    if source:
+        try:
+            llm.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass  # no generation_config.json: the text config's own settings stay
+    return llm.eval()

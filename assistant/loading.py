@@ -1,5 +1,5 @@
-"""The model spec every entry point takes (`--model`): `default`, a local directory (ours or a
-llava-hf one), or a hub id (downloaded for users who have the hub; never needed here)."""
+"""The model spec every entry point takes (`--model`): `default`, a local directory (ours, a llava-hf or a
+BLIP-2 one), or a hub id (downloaded for users who have the hub; never needed here)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from .checkpoint import is_checkpoint, load_checkpoint
+from .checkpoint import is_checkpoint, load_checkpoint, refuse_pickles
 from .compiled_decode import CompiledDecoder, compiled_steps_run_fast
 from .cpu_attention import use_cpu_grouped_sdpa
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
-from .llava_interop import is_llava_dir, load_llava
+from .llava_interop import hf_model_type, load_llava
 from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, resolve_quantize
 
 
@@ -81,14 +81,21 @@ def _load_directory(path: Path, spec: str, quantize, device_map):
         raise ModelSpecError(f"--model {spec!r} is a file; expected a model directory")
     if is_checkpoint(path):
         return load_checkpoint(path, quantize=quantize, device_map=device_map)
-    if is_llava_dir(path):
+    kind = hf_model_type(path)
+    if kind in ("llava", "blip-2"):
         if quantize or device_map:
-            raise ModelSpecError("4/8-bit and device_map loading of llava-hf directories is not supported yet; "
-                                 "load without them")
-        return load_llava(path)
+            raise ModelSpecError(f"--model {spec!r}: 4/8-bit and device_map loading of {kind} checkpoints is not "
+                                 "supported yet; load without them (--quantize int8 works on the CPU)")
+        refuse_pickles(path)
+        if kind == "llava":
+            return load_llava(str(path))
+        from .blip2_interop import load_blip2
+
+        return load_blip2(str(path))
     raise ModelSpecError(
-        f"--model {spec!r}: {path} is neither one of our checkpoints (vlm_config.json) nor a llava-hf "
-        "directory (config.json with model_type 'llava')"
+        f"--model {spec!r}: {path} is none of: one of our checkpoints (vlm_config.json), a llava-hf directory "
+        "(config.json with model_type 'llava'), a BLIP-2 directory (model_type 'blip-2')"
+        + (f"; its config.json says model_type {kind!r}" if kind else "")
     )
 
 

@@ -77,6 +77,12 @@ class VisionLanguageModel(nn.Module):
             )
         # The image token may lie outside the LLM's vocabulary (we never resize it): embed a safe id.
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if n_images and image_features.shape[1] != self.tokens_per_image:
+            raise ImagePlaceholderError(
+                f"the vision tower and projector give {image_features.shape[1]} feature vectors per image but the "
+                f"prompt has {self.tokens_per_image} positions for each (check the feature selection: a class "
+                "token kept or dropped)"
+            )
         if n_images:
             features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)

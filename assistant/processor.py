@@ -8,12 +8,14 @@ from .images import load_image
 
 
 class VLMProcessor:
-    def __init__(self, image_processor, tokenizer, image_token: str, tokens_per_image: int):
+    def __init__(self, image_processor, tokenizer, image_token: str, tokens_per_image: int, *,
+                 chat_template: str | None = None, image_layout: str = "inline", source: str = "the LLM"):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.chat = ChatFormatter(tokenizer, image_token, tokens_per_image)
+        self.chat = ChatFormatter(tokenizer, image_token, tokens_per_image, chat_template=chat_template,
+                                  image_layout=image_layout, source=source)
 
     @property
     def image_token_id(self) -> int:

@@ -1,7 +1,7 @@
 """Projector registry: each file registers one way of turning vision features into LLM embeddings.
 
 Add a projector by writing one file with a class decorated by `@register("name")` whose
-constructor takes (config: ProjectorConfig, vision_hidden: int, llm_hidden: int, num_patches: int)
+constructor takes (config: ProjectorConfig, vision_hidden: int, llm_hidden: int, num_positions: int)
 and whose forward maps (images, patches, vision_hidden) -> (images, tokens, llm_hidden).
 """
 
@@ -20,10 +20,10 @@ def register(name: str):
     return decorate
 
 
-def build_projector(config, vision_hidden: int, llm_hidden: int, num_patches: int) -> nn.Module:
+def build_projector(config, vision_hidden: int, llm_hidden: int, num_positions: int) -> nn.Module:
     if config.type not in PROJECTORS:
         raise ValueError(f"unknown projector type {config.type!r}; known: {sorted(PROJECTORS)}")
-    return PROJECTORS[config.type](config, vision_hidden, llm_hidden, num_patches)
+    return PROJECTORS[config.type](config, vision_hidden, llm_hidden, num_positions)
 
 
 from . import linear, mlp, qformer  # noqa: E402,F401  (registers the built-in projectors)

@@ -9,10 +9,10 @@ class MLPProjector(nn.Module):
     """Two linear layers with GELU (LLaVA-1.5). Parameter names match transformers'
     LlavaMultiModalProjector, so export to LlavaForConditionalGeneration is a plain copy."""
 
-    def __init__(self, config, vision_hidden, llm_hidden, num_patches):
+    def __init__(self, config, vision_hidden, llm_hidden, num_positions):
         super().__init__()
         self.pool_grid = config.pool_grid
-        self.num_tokens = pooled_count(num_patches, config.pool_grid)
+        self.num_tokens = pooled_count(num_positions, config.pool_grid)
         self.linear_1 = nn.Linear(vision_hidden, llm_hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(llm_hidden, llm_hidden)

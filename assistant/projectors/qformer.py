@@ -11,9 +11,10 @@ class QFormerProjector(nn.Module):
     Blip2QFormerModel; a linear layer maps the query outputs into the LLM's embedding space.
     The image always costs `num_queries` tokens, whatever the number of patches."""
 
-    def __init__(self, config, vision_hidden, llm_hidden, num_patches):
+    def __init__(self, config, vision_hidden, llm_hidden, num_positions):
         super().__init__()
-        qconfig = Blip2QFormerConfig(encoder_hidden_size=vision_hidden, **config.qformer)
+        settings = {k: v for k, v in config.qformer.items() if k not in ("model_type", "transformers_version", "dtype")}
+        qconfig = Blip2QFormerConfig(**{"encoder_hidden_size": vision_hidden, **settings})
         self.num_tokens = config.num_queries
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_queries, qconfig.hidden_size) * 0.02)
         self.qformer = Blip2QFormerModel(qconfig)
