@@ -3,6 +3,7 @@ BLIP-2 one), or a hub id (downloaded for users who have the hub; never needed he
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from .compiled_decode import CompiledDecoder, compiled_steps_run_fast
 from .cpu_attention import use_cpu_grouped_sdpa
 from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
 from .llava_interop import hf_model_type, load_llava
-from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, resolve_quantize
+from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, fast_path_covers, resolve_quantize
+
+log = logging.getLogger(__name__)
 
 
 class ModelSpecError(ValueError):
@@ -34,6 +37,10 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
     down 4x)."""
     mode = resolve_quantize(quantize)
     model, processor = _load(spec, None if mode in AFTER_LOADING else mode, device_map)
+    if mode in AFTER_LOADING and not fast_path_covers(model.llm):
+        log.warning("--model %s: the CPU fast path (int8, compiled decode steps) covers Llama-architecture LLMs "
+                    "only; this %s LLM runs in full precision", spec, _family(model.llm))
+        mode = None
     if mode in AFTER_LOADING and compile_decode and compiled_steps_run_fast():
         # made from the fp32 weights before they become int8, and before the adapter is merged (the decode
         # steps keep 4-bit base weights as they are, with the adapter beside them: compiled_decode.py)
@@ -51,6 +58,11 @@ def load_model(spec: str = "default", *, quantize: str | None = None, device_map
         model.quantized = mode  # said in the UI header; checkpoints refuse to save it
     use_cpu_grouped_sdpa(model.llm)  # prompts' attention on the CPU without per-head copies (cpu_attention.py)
     return model, processor
+
+
+def _family(llm) -> str:
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return type(base).__name__
 
 
 def decode_cache_length(batch_size: int) -> int:
@@ -93,8 +105,8 @@ def _load_directory(path: Path, spec: str, quantize, device_map):
 
         return load_blip2(str(path))
     raise ModelSpecError(
-        f"--model {spec!r}: {path} is none of: one of our checkpoints (vlm_config.json), a llava-hf directory "
-        "(config.json with model_type 'llava'), a BLIP-2 directory (model_type 'blip-2')"
+        f"--model {spec!r}: {path} is neither one of our checkpoints (vlm_config.json), nor a llava-hf directory "
+        "(config.json with model_type 'llava'), nor a BLIP-2 directory (model_type 'blip-2')"
         + (f"; its config.json says model_type {kind!r}" if kind else "")
     )
 

@@ -57,6 +57,16 @@ def resolve_quantize(mode: str | None) -> str | None:
     return mode
 
 
+# LLM architectures whose int8 layers, fused projections and compiled decode steps are checked against full
+# precision on real weights (SmolLM2: benchmarks/chat_speed.py's agreement, easy-VQA); others keep the plain path.
+FAST_PATH_MODEL_TYPES = ("llama",)
+
+
+def fast_path_covers(llm) -> bool:
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return getattr(base.config, "model_type", None) in FAST_PATH_MODEL_TYPES
+
+
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength (0: all range stays in the activations)
 
 

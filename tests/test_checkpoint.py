@@ -24,8 +24,8 @@ def test_save_reload_identical_logits(tiny_llm_dir, tmp_path, projector):
     before = logits(model, processor)
     save_checkpoint(model, processor, tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["preprocessor_config.json", "projector.safetensors", "vision_tower.safetensors",
-                     "vlm_config.json"]
+    assert files == ["chat_template.jinja", "preprocessor_config.json", "projector.safetensors",
+                     "vision_tower.safetensors", "vlm_config.json"]
     reloaded, processor2 = load_model(str(tmp_path / "ckpt"))
     assert torch.equal(before, logits(reloaded, processor2))
 

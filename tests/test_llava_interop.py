@@ -32,15 +32,18 @@ def test_export_then_transformers_loads_it_with_the_same_logits(tiny_llm_dir, tm
     diff = (ours - theirs[..., :vocab]).abs().max().item()
     print(f"export: max abs logit difference {diff:.2e}")
     assert diff <= 1e-4
-    # transformers' own LlavaProcessor, from the exported directory, builds the same inputs.
+    # transformers' own LlavaProcessor, from the exported directory, builds the same inputs from the typed parts
+    # that its processors, vLLM and SGLang send (and from plain strings, as the template was written for)
     hf_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
-    prompt = processor.tokenizer.decode(batch["input_ids"][0][batch["input_ids"][0] != processor.image_token_id])
-    assert prompt.count("<image>") == 0
-    hf_inputs = hf_processor(images=[image], text=processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "<image>\nWhat colour is the square?"}], tokenize=False,
-        add_generation_prompt=True), return_tensors="pt")
-    assert torch.allclose(hf_inputs["pixel_values"], batch["pixel_values"], atol=1e-6)
-    assert int((hf_inputs["input_ids"] == processor.image_token_id).sum()) == model.tokens_per_image
+    for messages in (image_question(), [{"role": "user", "content": "<image>\nWhat colour is the square?"}]):
+        prompt = hf_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        hf_inputs = hf_processor(images=[image], text=prompt, return_tensors="pt")
+        assert hf_inputs["input_ids"].tolist() == batch["input_ids"].tolist()
+        assert torch.allclose(hf_inputs["pixel_values"], batch["pixel_values"], atol=1e-6)
+    follow_up = image_question() + [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+                                    {"role": "user", "content": [{"type": "text", "text": "And the circle?"}]}]
+    prompt = hf_processor.apply_chat_template(follow_up, add_generation_prompt=True, tokenize=False)
+    assert hf_processor(images=[image], text=prompt)["input_ids"][0] == processor.encode(follow_up, [image]).input_ids
 
     # and a llava-hf directory loads into our engine with the same logits
     reloaded, processor2 = load_model(str(tmp_path / "llava"))

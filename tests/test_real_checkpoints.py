@@ -232,3 +232,53 @@ def scenes_small(tmp_path_factory):
     out = tmp_path_factory.mktemp("scenes")
     write_split(out, "train", 8, seed=0)
     return out
+
+
+@pytest.mark.parametrize("make", [llava_siglip_qwen2, blip2_opt], ids=["qwen2", "opt"])
+def test_the_fast_path_leaves_other_families_on_the_plain_path_and_says_so(make, tmp_path, caplog):
+    directory = make(tmp_path / "m")
+    ref = Reference(directory)
+    with caplog.at_level("WARNING"):
+        model, processor = load_model(str(directory), quantize="auto", compile_decode=True)
+    assert "covers Llama-architecture LLMs only" in caplog.text
+    assert getattr(model, "quantized", None) is None and getattr(model, "compiled_decoder", None) is None
+    session = ChatSession()
+    session.add_user_message("What is shown here?", [IMAGE])
+    answer = Engine(model, processor).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
+    assert answer == ref.answer([image_turn("What is shown here?")], [IMAGE])
+
+
+def test_the_fast_path_on_a_llama_llm_checkpoint(tmp_path):
+    """A llava-hf checkpoint with a Llama LLM takes the fast path (int8, fused projections, compiled steps)."""
+    model, processor = load_model(str(llava_clip_llama(tmp_path / "m")), quantize="int8")
+    assert model.quantized == "int8"
+    session = ChatSession()
+    session.add_user_message("What is shown here?", [IMAGE])
+    assert Engine(model, processor).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
+
+
+def test_vqa_command_on_prompts_the_model_cannot_take(tmp_path, capsys):
+    """A template that drops images: a clear error before the run when the first item needs an image; error rows
+    for exactly the items that need one otherwise (nothing lost, no traceback)."""
+    from assistant.vqa.cli import main
+
+    directory = llava_clip_llama(tmp_path / "llava")
+    (directory / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}"
+        "{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    IMAGE.save(tmp_path / "a.png")
+    image_row = {"question_id": 1, "image": "a.png", "question": "What is shown here?"}
+    text_row = {"question_id": 2, "question": "Hello?"}
+    args = ["run", "--model", str(directory), "--quantize", "none", "--max-new-tokens", "3", "--batch-size", "2"]
+
+    (tmp_path / "q1.jsonl").write_text(json.dumps(image_row) + "\n")
+    code = main(args + ["--questions", str(tmp_path / "q1.jsonl"), "--output", str(tmp_path / "a1.jsonl")])
+    assert code == 2
+    assert "cannot take this run's prompts: the chat template placed 0 image placeholder(s) for 1 image(s)" \
+        in capsys.readouterr().err
+
+    (tmp_path / "q2.jsonl").write_text(json.dumps(text_row) + "\n" + json.dumps(image_row) + "\n")
+    code = main(args + ["--questions", str(tmp_path / "q2.jsonl"), "--output", str(tmp_path / "a2.jsonl")])
+    rows = {r["question_id"]: r for r in map(json.loads, (tmp_path / "a2.jsonl").read_text().splitlines())}
+    assert code == 3  # some items failed
+    assert "answer" in rows[2] and "placed 0 image placeholder" in rows[1]["error"]

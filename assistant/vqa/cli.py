@@ -106,6 +106,10 @@ def run_command(args) -> int:
         return 2
     if not model.config.trained:
         print(f"warning: {model.config.description}", file=sys.stderr)
+    problem = prompt_problem(processor, items, image_root, args.prompt_suffix)
+    if problem:
+        print(f"error: --model {args.model} cannot take this run's prompts: {problem}", file=sys.stderr)
+        return 2
     counts = run_questions(Engine(model, processor), items, output, image_root, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
     rate = counts["answered"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
@@ -115,6 +119,25 @@ def run_command(args) -> int:
         metrics = _score(read_jsonl(output), {str(it["question_id"]): it for it in items if it.get("answers")})
         _report(metrics, args.metrics_out)
     return EXIT_SOME_FAILED if counts["failed"] else 0
+
+
+def prompt_problem(processor, items, image_root, prompt_suffix: str) -> str | None:
+    """Why the model cannot take the first well-formed item's prompt (its chat template, say), if it cannot: an
+    error that would hit every item is said once, before the run."""
+    from ..chat_format import ConversationError
+    from .runner import _prepare
+
+    for item in items:
+        try:
+            messages, images = _prepare(item, image_root, prompt_suffix)
+        except (OSError, ValueError):
+            continue  # a bad item: the run writes its error row
+        try:
+            processor.encode(messages, images)
+        except ConversationError as e:
+            return str(e)
+        return None
+    return None
 
 
 def score_command(args) -> int:

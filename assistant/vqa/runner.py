@@ -50,9 +50,10 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
                     ready.append((it, _prepare(it, image_root, prompt_suffix)))
                 except (ImageError, PathEscapeError, ValueError) as e:
                     records[id(it)] = {"question_id": it["question_id"], "error": str(e)}
-            if ready:
-                answers = engine.answer_batch([r[1][0] for r in ready], [r[1][1] for r in ready], config)
-                for (it, _), answer in zip(ready, answers):
+            for it, answer in _answer(engine, ready, config):
+                if isinstance(answer, Exception):
+                    records[id(it)] = {"question_id": it["question_id"], "error": str(answer)}
+                else:
                     records[id(it)] = {"question_id": it["question_id"], "question": it["question"], "answer": answer}
             for it in batch:  # in input order
                 record = records[id(it)]
@@ -63,6 +64,24 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
     bar.close()
     counts["seconds"] = time.time() - started
     return counts
+
+
+def _answer(engine: Engine, ready, config):
+    """(item, answer) for a batch; where the batch fails on a prompt the model cannot take, item by item, so that
+    each such item gets its own error and the others their answers."""
+    if not ready:
+        return []
+    try:
+        answers = engine.answer_batch([r[1][0] for r in ready], [r[1][1] for r in ready], config)
+        return [(it, a) for (it, _), a in zip(ready, answers)]
+    except ValueError:
+        if len(ready) == 1:
+            messages, images = ready[0][1]
+            try:
+                return [(ready[0][0], engine.answer_batch([messages], [images], config)[0])]
+            except ValueError as e:
+                return [(ready[0][0], e)]
+        return [pair for r in ready for pair in _answer(engine, [r], config)]
 
 
 def _prepare(item: dict, image_root, prompt_suffix: str):
