@@ -13,7 +13,8 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python serve.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--model", default="default",
-                   help="model spec: 'default' (bundled, offline), a checkpoint or llava-hf directory, or a hub id")
+                   help="model spec: 'default' (bundled, offline), one of our checkpoints, a llava-hf or BLIP-2 "
+                        "directory, or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=os.environ.get("VISION_ASSISTANT_AUTH"),

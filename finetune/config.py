@@ -69,7 +69,7 @@ class TrainSettings:
 @dataclass
 class TrainConfig:
     stage: str = "instruct"  # "clip" | "align" | "instruct"
-    # Where the model comes from: a model spec (`default`, one of our checkpoints, a llava-hf dir)
+    # Where the model comes from: a model spec (`default`, one of our checkpoints, a llava-hf or BLIP-2 dir)
     # or null with `model_config` describing a new composition.
     init: str | None = "default"
     model_config: dict | None = None

@@ -225,6 +225,32 @@ def test_fine_tune_a_llava_checkpoint_and_export_it_back(tmp_path, scenes_small)
     assert (before - ref.model(**theirs).logits[0, -1]).abs().max().item() > 1e-3, "training changed nothing"
 
 
+def test_fine_tune_a_blip2_checkpoint(tmp_path, scenes_small):
+    """init: a BLIP-2 directory -> LoRA on OPT, the Q-Former trained -> a checkpoint that loads with BLIP-2's
+    prompt and answers differently from the start."""
+    import subprocess
+
+    directory = blip2_opt(tmp_path / "blip2")
+    recipe = {"stage": "instruct", "init": str(directory), "vision": "frozen", "projector": "full", "llm": "lora",
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "data": {"train": str(scenes_small / "train.jsonl"), "image_root": str(scenes_small / "images"),
+                       "max_length": 300},
+              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 2, "lr": 1e-2,
+                        "log_every": 1, "save_every": 2, "seed": 1}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "--config", str(tmp_path / "recipe.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned, processor = load_model(str(tmp_path / "out"), quantize="none")
+    ref = Reference(directory)
+    messages = [image_turn("What is shown here?")]
+    ours, theirs = processor([messages], [[IMAGE]]), ref.inputs(messages, [IMAGE])
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    with torch.no_grad():
+        change = (tuned(**ours).logits[0, -1] - ref.model(**theirs).logits[0, -1]).abs().max().item()
+    assert change > 1e-3
+
+
 @pytest.fixture(scope="module")
 def scenes_small(tmp_path_factory):
     from finetune.scenes import write_split
