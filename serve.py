@@ -21,7 +21,7 @@ def parse_args(argv=None):
                    help="USER:PASS for the UI (or env VISION_ASSISTANT_AUTH); the API then needs 'Bearer PASS'")
     p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
     p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
-    # assistant.quantization.HELP's words: importing it would load torch before --help answers
+    # assistant.cpu.int8.HELP's words: importing it would load torch before --help answers
     p.add_argument("--quantize", default="auto",
                    help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 "
                         "(smoothed int8 on the CPU: faster, answers can differ slightly from full precision), "
@@ -79,10 +79,10 @@ def compile_decode_steps(decoder) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from assistant.engine import Engine
-    from assistant.loading import ModelSpecError, load_model
+    from assistant.inference.engine import Engine
+    from assistant.weights.loading import ModelSpecError, load_model
 
-    from assistant.quantization import resolve_quantize
+    from assistant.cpu.int8 import resolve_quantize
 
     try:
         resolve_quantize(args.quantize)

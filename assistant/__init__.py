@@ -4,10 +4,10 @@
     model, processor = load_model("default")
 """
 
-from .config import ModelConfig, ProjectorConfig, VisionConfig
-from .engine import ChatSession, Engine
-from .generation import GenerationConfig
-from .loading import load_model
+from .model.config import ModelConfig, ProjectorConfig, VisionConfig
+from .inference.engine import ChatSession, Engine
+from .inference.generation import GenerationConfig
+from .weights.loading import load_model
 
 __all__ = ["ModelConfig", "ProjectorConfig", "VisionConfig", "ChatSession", "Engine", "GenerationConfig",
            "load_model"]

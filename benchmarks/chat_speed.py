@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.compiled_decode import wait_for_compiled_steps  # noqa: E402
-from assistant.engine import ChatSession, Engine  # noqa: E402
-from assistant.generation import GenerationConfig  # noqa: E402
-from assistant.loading import load_model  # noqa: E402
+from assistant.cpu.compiled_decoder import wait_for_compiled_steps  # noqa: E402
+from assistant.inference.engine import ChatSession, Engine  # noqa: E402
+from assistant.inference.generation import GenerationConfig  # noqa: E402
+from assistant.weights.loading import load_model  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "server" / "examples"
 
@@ -87,7 +87,7 @@ def llama_bench_rate(binary: str, processor, n_tokens) -> float | str:
     instruction, while decoding, the measured part, is unaffected."""
     import subprocess
 
-    from assistant.llm import builtin_gguf_path
+    from assistant.weights.llm import builtin_gguf_path
 
     depth = chat_ids(processor, PROMPT).shape[1]
     cmd = [binary, "-m", str(builtin_gguf_path("smollm2-135m-instruct")), "-t", str(torch.get_num_threads()),
@@ -112,7 +112,7 @@ def llama_cpp_rate(processor, n_tokens, llama_bench: str | None = None) -> float
         return llama_bench_rate(llama_bench, processor, n_tokens)
     if importlib.util.find_spec("llama_cpp") is None:
         return "skipped: neither llama-bench nor llama-cpp-python is installed"
-    from assistant.llm import builtin_gguf_path
+    from assistant.weights.llm import builtin_gguf_path
 
     prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                                      tokenize=False)

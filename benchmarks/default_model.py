@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.engine import ChatSession, Engine  # noqa: E402
-from assistant.generation import GenerationConfig  # noqa: E402
-from assistant.loading import load_model  # noqa: E402
-from assistant.metrics import pope_scores, score_items  # noqa: E402
+from assistant.inference.engine import ChatSession, Engine  # noqa: E402
+from assistant.inference.generation import GenerationConfig  # noqa: E402
+from assistant.weights.loading import load_model  # noqa: E402
+from assistant.vqa.metrics import pope_scores, score_items  # noqa: E402
 from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
 from assistant.vqa.inputs import builtin_dataset, load_questions  # noqa: E402
 from assistant.vqa.runner import run_questions  # noqa: E402

@@ -27,11 +27,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.builder import build_model  # noqa: E402
-from assistant.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from assistant.engine import Engine  # noqa: E402
-from assistant.generation import GenerationConfig, decode  # noqa: E402
-from assistant.llm import resolve_llm_dir  # noqa: E402
+from assistant.model.builder import build_model  # noqa: E402
+from assistant.model.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from assistant.inference.engine import Engine  # noqa: E402
+from assistant.inference.generation import GenerationConfig, decode  # noqa: E402
+from assistant.weights.llm import resolve_llm_dir  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.setup import prepare_llm  # noqa: E402
 

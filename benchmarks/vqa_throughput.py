@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assistant.compiled_decode import wait_for_compiled_steps  # noqa: E402
-from assistant.engine import Engine  # noqa: E402
-from assistant.loading import load_model  # noqa: E402
+from assistant.cpu.compiled_decoder import wait_for_compiled_steps  # noqa: E402
+from assistant.inference.engine import Engine  # noqa: E402
+from assistant.weights.loading import load_model  # noqa: E402
 from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
 from assistant.vqa.inputs import builtin_dataset  # noqa: E402
 from assistant.vqa.runner import run_questions  # noqa: E402

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from assistant.loading import ModelSpecError
+    from assistant.weights.loading import ModelSpecError
 
     from .data import DataError
 

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from assistant.images import ImageError, load_image
-from assistant.llm import resolve_llm_dir
+from assistant.inputs.images import ImageError, load_image
+from assistant.weights.llm import resolve_llm_dir
 
 from .config import TrainConfig
 from .curves import plot_curves

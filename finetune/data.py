@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from assistant.paths import PathEscapeError, resolve_under_root
+from assistant.inputs.paths import PathEscapeError, resolve_under_root
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "bot": "assistant", "model": "assistant"}

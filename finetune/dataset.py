@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from assistant.chat_format import IGNORE_INDEX
-from assistant.images import ImageError, load_image
+from assistant.inputs.chat_format import IGNORE_INDEX
+from assistant.inputs.images import ImageError, load_image
 
 from .data import DataError, Sample, resolve_image
 

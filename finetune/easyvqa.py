@@ -12,7 +12,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from assistant.easy_vqa import image_root, questions
+from assistant.vqa.easy_vqa import image_root, questions
 
 SHORT = "Answer the question using a single word or phrase."
 

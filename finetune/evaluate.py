@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from assistant.engine import Engine
-from assistant.generation import GenerationConfig
-from assistant.images import ImageError, load_image
-from assistant.metrics import vqa_accuracy
+from assistant.inference.engine import Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.inputs.images import ImageError, load_image
+from assistant.vqa.metrics import vqa_accuracy
 
 from .data import DataError, resolve_image
 from .dataset import Collator

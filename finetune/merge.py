@@ -15,9 +15,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--llava", action="store_true", help="write the llava-hf format instead of ours")
     args = p.parse_args(argv)
-    from assistant.checkpoint import save_checkpoint
-    from assistant.llava_interop import export_llava, merged_llm
-    from assistant.loading import ModelSpecError, load_model
+    from assistant.weights.checkpoint import save_checkpoint
+    from assistant.weights.llava import export_llava, merged_llm
+    from assistant.weights.loading import ModelSpecError, load_model
 
     try:
         model, processor = load_model(args.model)

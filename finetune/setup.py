@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from assistant.builder import build_model
-from assistant.config import ModelConfig
-from assistant.loading import load_model
+from assistant.model.builder import build_model
+from assistant.model.config import ModelConfig
+from assistant.weights.loading import load_model
 
 from .config import TrainConfig
 

@@ -54,10 +54,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=96)
     args = p.parse_args(argv)
-    from assistant.builder import build_model
-    from assistant.default_model import untrained_default_config
-    from assistant.engine import Engine
-    from assistant.generation import GenerationConfig
+    from assistant.model.builder import build_model
+    from assistant.weights.bundled_default import untrained_default_config
+    from assistant.inference.engine import Engine
+    from assistant.inference.generation import GenerationConfig
 
     model, processor = build_model(untrained_default_config())
     engine = Engine(model, processor)

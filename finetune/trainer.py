@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from assistant.checkpoint import load_checkpoint, save_checkpoint
-from assistant.devices import has_accelerator
+from assistant.weights.checkpoint import load_checkpoint, save_checkpoint
+from assistant.cpu.policy import has_accelerator
 
 from .config import TrainConfig
 from .curves import plot_curves

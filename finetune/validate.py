@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from assistant.images import ImageError, load_image
+from assistant.inputs.images import ImageError, load_image
 
 from .data import DataError, load_samples, resolve_image
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     processor = None
     if args.model:
-        from assistant.loading import load_model
+        from assistant.weights.loading import load_model
 
         _, processor = load_model(args.model)
     try:

@@ -1,2 +1,2 @@
 """The web server behind `serve.py`: a Gradio chat UI and an OpenAI-compatible API, both thin
-adapters over `assistant.engine`."""
+adapters over `assistant.inference.engine`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from assistant.images import ImageError, load_image
+from assistant.inputs.images import ImageError, load_image
 
 
 def user_turn(text: str, image_paths: list[str]) -> dict:

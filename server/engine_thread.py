@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from assistant.background_compile import replying
+from assistant.cpu.background_compile import replying
 
 _DONE = object()
 

@@ -13,10 +13,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from assistant.chat_format import ConversationError
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
-from assistant.images import ImageError, load_image
+from assistant.inputs.chat_format import ConversationError
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.inputs.images import ImageError, load_image
 
 
 class APIError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from assistant.engine import ChatSession
+from assistant.inference.engine import ChatSession
 
 
 class SessionStore:

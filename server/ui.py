@@ -10,10 +10,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from assistant.chat_format import ConversationError
-from assistant.engine import Engine
-from assistant.generation import GenerationConfig
-from assistant.images import ImageError
+from assistant.inputs.chat_format import ConversationError
+from assistant.inference.engine import Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.inputs.images import ImageError
 
 from .conversation import (assistant_turn, chatbot_index_to_turn, check_upload, to_chatbot, to_engine,
                            user_turn)

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from assistant.config import ModelConfig, ProjectorConfig, VisionConfig
-from assistant.llm import resolve_llm_dir
+from assistant.model.config import ModelConfig, ProjectorConfig, VisionConfig
+from assistant.weights.llm import resolve_llm_dir
 
 TINY_VISION = {
     "clip": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -12,7 +12,7 @@ from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGenerat
                           LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, OPTConfig, Qwen2Config,
                           SiglipImageProcessor, SiglipVisionConfig)
 
-from assistant.llm import resolve_llm_dir
+from assistant.weights.llm import resolve_llm_dir
 
 # llava-hf/llava-1.5-7b-hf's chat template (typed parts; images first, then text; `generation` marks replies).
 LLAVA_15_TEMPLATE = (

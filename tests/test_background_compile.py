@@ -9,11 +9,11 @@ import torch
 from helpers import image_question, random_image, tiny_config
 
 from assistant import background_compile
-from assistant.background_compile import (COMPILE_SWITCH_INTERVAL, computed_while_replying, replying,
+from assistant.cpu.background_compile import (COMPILE_SWITCH_INTERVAL, computed_while_replying, replying,
                                           short_gil_slices, yielding_to_replies)
-from assistant.builder import build_model
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
+from assistant.model.builder import build_model
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
 
 
 def test_compiling_shortens_the_thread_switch_interval_and_gives_it_back():

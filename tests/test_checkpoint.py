@@ -5,9 +5,9 @@ import torch
 from helpers import image_question, random_image, tiny_config
 from peft import LoraConfig, get_peft_model
 
-from assistant.builder import build_model
-from assistant.checkpoint import load_checkpoint, save_checkpoint
-from assistant.loading import ModelSpecError, load_model
+from assistant.model.builder import build_model
+from assistant.weights.checkpoint import load_checkpoint, save_checkpoint
+from assistant.weights.loading import ModelSpecError, load_model
 
 
 def logits(model, processor):

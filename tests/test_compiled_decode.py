@@ -11,11 +11,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from assistant import compiled_decode, decode_attention
-from assistant.builder import build_model
-from assistant.compiled_decode import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
+from assistant.model.builder import build_model
+from assistant.cpu.compiled_decoder import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
                                        exact_int4_grid, int4_grid, rescored_head, weight_only_copy)
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
 from helpers import random_image, tiny_config
 
 
@@ -249,7 +249,7 @@ def test_the_compile_leaves_fx_tracing_to_the_thread_that_makes_the_decoder(monk
 def test_compiled_steps_guard_their_arguments_only():
     from types import SimpleNamespace
 
-    from assistant.compiled_decode import guards_on_step_arguments
+    from assistant.cpu.compiled_decoder import guards_on_step_arguments
 
     names = ["token_ids", "L['valid_length']", "attention_mask", "position_ids", "", "L['self'].cache.layers[0].keys",
              "self", "G['decode_attention'].supports", "L['self'].llm.model.layers[3]"]

@@ -6,7 +6,7 @@ import copy
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from assistant.cpu_attention import NAME, use_cpu_grouped_sdpa
+from assistant.cpu.attention import NAME, use_cpu_grouped_sdpa
 
 
 @torch.inference_mode()

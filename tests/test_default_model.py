@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from assistant.default_model import DEFAULT_MODEL_DIR
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
-from assistant.images import load_image
-from assistant.loading import load_model
-from assistant.metrics import vqa_accuracy
+from assistant.weights.bundled_default import DEFAULT_MODEL_DIR
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.inputs.images import load_image
+from assistant.weights.loading import load_model
+from assistant.vqa.metrics import vqa_accuracy
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "vlm_config.json").is_file(),
@@ -53,7 +53,7 @@ def test_scene_questions(engine, tmp_path):
 
 
 def test_easy_vqa_test_images(engine):
-    from assistant.easy_vqa import image_root, questions
+    from assistant.vqa.easy_vqa import image_root, questions
 
     items = questions("test")[:32]
     accuracy, answers = ask(engine, items, image_root("test"))
@@ -81,7 +81,7 @@ def test_multi_turn_and_plain_chat(engine):
 
 def test_deferred_decode_compilation_waits_for_its_caller():
     """serve.py loads with compile_decode="deferred" and starts compiling once its server is built."""
-    from assistant.compiled_decode import compiled_steps_run_fast
+    from assistant.cpu.compiled_decoder import compiled_steps_run_fast
 
     if not compiled_steps_run_fast():
         pytest.skip("the compiled decode steps are only made where they were measured fast (AVX2 / AVX-512 x86)")

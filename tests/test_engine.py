@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import random_image, tiny_config
 
-from assistant.builder import build_model
-from assistant.chat_format import ConversationError
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
+from assistant.model.builder import build_model
+from assistant.inputs.chat_format import ConversationError
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ stream is closed, keeps serving after that and after a failed reply, and reports
 
 import pytest
 
-from assistant.builder import build_model
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
+from assistant.model.builder import build_model
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
 from helpers import random_image, tiny_config
 from server.engine_thread import EngineThread
 

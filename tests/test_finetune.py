@@ -16,8 +16,8 @@ from helpers import TINY_VISION, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from assistant.builder import build_model
-from assistant.chat_format import IGNORE_INDEX
+from assistant.model.builder import build_model
+from assistant.inputs.chat_format import IGNORE_INDEX
 from finetune.data import DataError, load_samples, resolve_image
 from finetune.dataset import Collator, InstructionDataset, fit_to_length
 from finetune.scenes import write_split
@@ -170,7 +170,7 @@ def test_stage_trains_and_output_is_a_model_spec(tiny_llm_dir, tmp_path, scenes,
     assert any("eval_loss" in e for e in log)
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "adapter").is_dir() == (stage == "instruct")
-    from assistant.loading import load_model
+    from assistant.weights.loading import load_model
 
     model, processor = load_model(str(out))
     assert model.config.trained
@@ -185,7 +185,7 @@ def test_clip_stage_produces_a_vision_tower(tiny_llm_dir, tmp_path, scenes):
            "train": {"output_dir": str(tmp_path / "clip"), "max_steps": 3, "batch_size": 8, "log_every": 1}}
     (tmp_path / "clip.yaml").write_text(yaml.safe_dump(cfg))
     run_finetune("--config", tmp_path / "clip.yaml")
-    from assistant.config import ModelConfig, VisionConfig
+    from assistant.model.config import ModelConfig, VisionConfig
 
     config = tiny_config(tiny_llm_dir)
     config.vision = VisionConfig(model_type="clip", pretrained=str(tmp_path / "clip"))
@@ -275,6 +275,6 @@ def test_two_processes_with_accelerate_launch(tiny_llm_dir, tmp_path, scenes, sc
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
     assert (tmp_path / "out" / "checkpoints" / "step-0000003" / "rng-1.safetensors").is_file()
-    from assistant.loading import load_model
+    from assistant.weights.loading import load_model
 
     load_model(str(tmp_path / "out"))

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from assistant.fused_projections import FusedGateUpLlamaMLP, FusedQKVLlamaAttention, fuse_projections
+from assistant.cpu.fused_projections import FusedGateUpLlamaMLP, FusedQKVLlamaAttention, fuse_projections
 
 
 def tiny_llama():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from assistant.images import ImageError, load_image
+from assistant.inputs.images import ImageError, load_image
 
 
 def encode(image, fmt="PNG", **kw):

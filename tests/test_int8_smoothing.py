@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from assistant import quantization
-from assistant.quantization import (Bf16PromptLinear, Fp32PromptLinear, SmoothedInt8Linear, _dynamic_int8,
+from assistant.cpu.int8 import (Bf16PromptLinear, Fp32PromptLinear, SmoothedInt8Linear, _dynamic_int8,
                                     bf16_matmul_is_fast, linear_input_ranges)
 
 

@@ -5,9 +5,9 @@ from helpers import image_question, random_image, tiny_config
 from peft import LoraConfig, get_peft_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from assistant.builder import build_model
-from assistant.llava_interop import export_llava
-from assistant.loading import load_model
+from assistant.model.builder import build_model
+from assistant.weights.llava import export_llava
+from assistant.weights.loading import load_model
 
 
 def test_export_then_transformers_loads_it_with_the_same_logits(tiny_llm_dir, tmp_path):

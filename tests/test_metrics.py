@@ -2,7 +2,7 @@
 
 import pytest
 
-from assistant.metrics import (exact_match, normalize_answer, pope_scores, process_punctuation, score_items,
+from assistant.vqa.metrics import (exact_match, normalize_answer, pope_scores, process_punctuation, score_items,
                                vqa_accuracy)
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from helpers import image_question, random_image, tiny_config
 
-from assistant.builder import build_model
-from assistant.chat_format import IGNORE_INDEX
-from assistant.engine import Engine
-from assistant.generation import GenerationConfig
-from assistant.model import ImagePlaceholderError
+from assistant.model.builder import build_model
+from assistant.inputs.chat_format import IGNORE_INDEX
+from assistant.inference.engine import Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.model.vision_language_model import ImagePlaceholderError
 
 COMBOS = [("clip", "linear", {}), ("clip", "mlp2x_gelu", {}), ("clip", "mlp2x_gelu", {"pool_grid": 2}),
           ("clip", "qformer", {"num_queries": 6, "qformer": {"hidden_size": 32, "num_hidden_layers": 2,
@@ -95,16 +95,16 @@ def test_user_text_cannot_create_images_or_roles(tiny_llm_dir):
 def batch_engine(tiny_llm_dir, layout, monkeypatch):
     """The tiny model's engine, batching as left-padded rows or (on the CPU attention) as one packed sequence;
     `packed` counts the packed batches, to prove which way a batch went."""
-    import assistant.engine
-    from assistant.cpu_attention import use_cpu_grouped_sdpa
+    import assistant.inference.engine
+    from assistant.cpu.attention import use_cpu_grouped_sdpa
 
     torch.manual_seed(0)
     model, processor = build_model(tiny_config(tiny_llm_dir))
     packed = []
     if layout == "packed":
         use_cpu_grouped_sdpa(model.llm)
-        original = assistant.engine.decode_packed
-        monkeypatch.setattr(assistant.engine, "decode_packed", lambda *a, **k: packed.append(1) or original(*a, **k))
+        original = assistant.inference.engine.decode_packed
+        monkeypatch.setattr(assistant.inference.engine, "decode_packed", lambda *a, **k: packed.append(1) or original(*a, **k))
     return model, processor, Engine(model, processor), packed
 
 
@@ -143,7 +143,7 @@ def test_questions_about_one_image_share_its_prefix_and_match_single(tiny_llm_di
 
 
 def test_text_stream_stops_and_holds_back(tiny_llm_dir):
-    from assistant.generation import TextStream
+    from assistant.inference.generation import TextStream
     from helpers import smollm2_tokenizer
 
     tok = smollm2_tokenizer()

@@ -6,12 +6,12 @@ that refuses an attention which ignores the layout."""
 import torch
 from helpers import image_question, random_image, tiny_config
 
-from assistant.builder import build_model
-from assistant.cpu_attention import use_cpu_grouped_sdpa
-from assistant.engine import Engine
-from assistant.generation import GenerationConfig
-from assistant.packed_batch import PackedBatch, decode_packed
-from assistant.shared_prefix import shared_prefix_groups
+from assistant.model.builder import build_model
+from assistant.cpu.attention import use_cpu_grouped_sdpa
+from assistant.inference.engine import Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.inference.packed_batch import PackedBatch, decode_packed
+from assistant.inference.shared_prefix import shared_prefix_groups
 
 
 def sample_batch() -> PackedBatch:
@@ -92,8 +92,8 @@ def test_an_attention_that_ignores_the_layout_is_refused(tiny_llm_dir):
 @torch.inference_mode()
 def test_the_prompt_gathered_into_padded_rows_steps_as_the_packed_sequence_does(tiny_llm_dir):
     # what compiled batch steps start from (their graph takes left-padded rows)
-    from assistant.generation import position_ids_from_mask
-    from assistant.packed_batch import prefill_packed
+    from assistant.inference.generation import position_ids_from_mask
+    from assistant.inference.packed_batch import prefill_packed
 
     torch.manual_seed(0)
     model, processor = build_model(tiny_config(tiny_llm_dir))

@@ -4,11 +4,11 @@ import pytest
 import torch
 from helpers import image_question, random_image, tiny_config
 
-from assistant.builder import build_model
-from assistant.checkpoint import save_checkpoint
-from assistant.engine import Engine
-from assistant.generation import GenerationConfig
-from assistant.loading import load_model
+from assistant.model.builder import build_model
+from assistant.weights.checkpoint import save_checkpoint
+from assistant.inference.engine import Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.weights.loading import load_model
 
 
 @pytest.mark.parametrize("mode,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
@@ -40,7 +40,7 @@ def test_device_map_auto_places_every_part(tiny_llm_dir, tmp_path):
 
 
 def test_bad_quantize_value():
-    from assistant.quantization import quantization_config
+    from assistant.cpu.int8 import quantization_config
 
     with pytest.raises(ValueError, match="4bit"):
         quantization_config("3bit")
@@ -56,7 +56,7 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     full, _ = load_model(str(tmp_path / "ckpt"), quantize="none")
     quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8")
     assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
-    from assistant.quantization import SmoothedInt8Linear
+    from assistant.cpu.int8 import SmoothedInt8Linear
 
     layer = quant.llm.model.layers[0]  # query/key/value and gate/up fused (fused_projections.py)
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
@@ -80,7 +80,7 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
 
 
 def test_quantize_auto_and_bad_values():
-    from assistant.quantization import resolve_quantize
+    from assistant.cpu.int8 import resolve_quantize
 
     assert resolve_quantize("auto") == ("int8" if not torch.cuda.is_available() else None)
     assert resolve_quantize("none") is None and resolve_quantize(None) is None

@@ -14,9 +14,9 @@ from helpers import random_image
 from hf_checkpoints import blip2_opt, llava_clip_llama, llava_siglip_qwen2
 from transformers import AutoProcessor, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
-from assistant.loading import load_model
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
+from assistant.weights.loading import load_model
 
 NEW_TOKENS = 6
 CASES = {
@@ -184,7 +184,7 @@ def test_the_servers_api_answers_as_transformers(tmp_path):
 
 
 def test_feature_count_mismatch_is_a_clear_error(tmp_path):
-    from assistant.model import ImagePlaceholderError
+    from assistant.model.vision_language_model import ImagePlaceholderError
 
     model, processor = load_model(str(llava_clip_llama(tmp_path / "llava")), quantize="none")
     model.vision_tower.drop_cls = False  # as if the checkpoint said "full" but positions were counted for "default"
@@ -196,21 +196,10 @@ def test_feature_count_mismatch_is_a_clear_error(tmp_path):
 def test_fine_tune_a_llava_checkpoint_and_export_it_back(tmp_path, scenes_small):
     """init: a llava-hf directory -> LoRA -> our checkpoint -> finetune.merge --llava -> transformers loads the
     export with the same logits and its processor's typed calls build the same prompt."""
-    import subprocess
-
     from finetune.merge import main as merge
 
     directory = llava_clip_llama(tmp_path / "llava")
-    recipe = {"stage": "instruct", "init": str(directory), "vision": "frozen", "projector": "full", "llm": "lora",
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-              "data": {"train": str(scenes_small / "train.jsonl"), "image_root": str(scenes_small / "images"),
-                       "max_length": 300},
-              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 2, "lr": 1e-2,
-                        "log_every": 1, "save_every": 2, "seed": 1}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run([sys.executable, "-m", "finetune", "--config", str(tmp_path / "recipe.yaml")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora_fine_tune(directory, tmp_path / "out", scenes_small)
     tuned, processor = load_model(str(tmp_path / "out"), quantize="none")
     assert merge([str(tmp_path / "out"), "--output-dir", str(tmp_path / "export"), "--llava"]) == 0
     ref = Reference(tmp_path / "export")
@@ -228,19 +217,8 @@ def test_fine_tune_a_llava_checkpoint_and_export_it_back(tmp_path, scenes_small)
 def test_fine_tune_a_blip2_checkpoint(tmp_path, scenes_small):
     """init: a BLIP-2 directory -> LoRA on OPT, the Q-Former trained -> a checkpoint that loads with BLIP-2's
     prompt and answers differently from the start."""
-    import subprocess
-
     directory = blip2_opt(tmp_path / "blip2")
-    recipe = {"stage": "instruct", "init": str(directory), "vision": "frozen", "projector": "full", "llm": "lora",
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-              "data": {"train": str(scenes_small / "train.jsonl"), "image_root": str(scenes_small / "images"),
-                       "max_length": 300},
-              "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 2, "lr": 1e-2,
-                        "log_every": 1, "save_every": 2, "seed": 1}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run([sys.executable, "-m", "finetune", "--config", str(tmp_path / "recipe.yaml")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora_fine_tune(directory, tmp_path / "out", scenes_small)
     tuned, processor = load_model(str(tmp_path / "out"), quantize="none")
     ref = Reference(directory)
     messages = [image_turn("What is shown here?")]
@@ -249,6 +227,21 @@ def test_fine_tune_a_blip2_checkpoint(tmp_path, scenes_small):
     with torch.no_grad():
         change = (tuned(**ours).logits[0, -1] - ref.model(**theirs).logits[0, -1]).abs().max().item()
     assert change > 1e-3
+
+
+def lora_fine_tune(init, output_dir, scenes):
+    """Two LoRA steps of `python -m finetune` from `init`, the projector trained too."""
+    import subprocess
+
+    recipe = {"stage": "instruct", "init": str(init), "vision": "frozen", "projector": "full", "llm": "lora",
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "data": {"train": str(scenes / "train.jsonl"), "image_root": str(scenes / "images"), "max_length": 300},
+              "train": {"output_dir": str(output_dir), "max_steps": 2, "batch_size": 2, "lr": 1e-2, "log_every": 1,
+                        "save_every": 2, "seed": 1}}
+    path = output_dir.parent / f"{output_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "--config", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from helpers import random_image, tiny_config
 from PIL import Image
 from server_fixture import running_server
 
-from assistant.builder import build_model
-from assistant.checkpoint import save_checkpoint
+from assistant.model.builder import build_model
+from assistant.weights.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

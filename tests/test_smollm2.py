@@ -2,10 +2,10 @@
 
 import pytest
 
-from assistant.builder import build_model
-from assistant.default_model import untrained_default_config
-from assistant.engine import ChatSession, Engine
-from assistant.generation import GenerationConfig
+from assistant.model.builder import build_model
+from assistant.weights.bundled_default import untrained_default_config
+from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.generation import GenerationConfig
 
 pytestmark = pytest.mark.integration
 

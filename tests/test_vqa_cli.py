@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import random_image, tiny_config
 
-from assistant.builder import build_model
-from assistant.checkpoint import save_checkpoint
+from assistant.model.builder import build_model
+from assistant.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..metrics import score_items
-from ..quantization import CHOICES as QUANTIZE_CHOICES
-from ..quantization import HELP as QUANTIZE_HELP
+from .metrics import score_items
+from ..cpu.int8 import CHOICES as QUANTIZE_CHOICES
+from ..cpu.int8 import HELP as QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -81,8 +81,8 @@ def run_command(args) -> int:
         image_root = args.image_root or str(Path(args.questions).resolve().parent)
     if args.limit:
         items = items[:args.limit]
-    from ..engine import Engine
-    from ..loading import ModelSpecError, load_model
+    from ..inference.engine import Engine
+    from ..weights.loading import ModelSpecError, load_model
     from .runner import run_questions
 
     output = Path(args.output)
@@ -124,7 +124,7 @@ def run_command(args) -> int:
 def prompt_problem(processor, items, image_root, prompt_suffix: str) -> str | None:
     """Why the model cannot take the first well-formed item's prompt (its chat template, say), if it cannot: an
     error that would hit every item is said once, before the run."""
-    from ..chat_format import ConversationError
+    from ..inputs.chat_format import ConversationError
     from .runner import _prepare
 
     for item in items:

@@ -107,7 +107,7 @@ def load_annotations(path) -> dict[str, dict]:
 def builtin_dataset(name: str) -> tuple[list[dict], Path]:
     """'easy-vqa:test' -> (questions with answers, image root)."""
     if name.startswith("easy-vqa:"):
-        from ..easy_vqa import image_root, questions
+        from .easy_vqa import image_root, questions
 
         split = name.split(":", 1)[1]
         qs = questions(split)

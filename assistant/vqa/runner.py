@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..engine import Engine
-from ..generation import GenerationConfig
-from ..images import ImageError, load_image
-from ..paths import PathEscapeError, resolve_under_root
+from ..inference.engine import Engine
+from ..inference.generation import GenerationConfig
+from ..inputs.images import ImageError, load_image
+from ..inputs.paths import PathEscapeError, resolve_under_root
 
 
 def answered_ids(output: Path) -> set[str]:

@@ -10,11 +10,11 @@ from pathlib import Path
 from peft import PeftModel
 
 from .checkpoint import is_checkpoint, load_checkpoint, refuse_pickles
-from .compiled_decode import CompiledDecoder, compiled_steps_run_fast
-from .cpu_attention import use_cpu_grouped_sdpa
-from .default_model import DEFAULT_MODEL_DIR, untrained_default_config
-from .llava_interop import hf_model_type, load_llava
-from .quantization import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, fast_path_covers, resolve_quantize
+from ..cpu.compiled_decoder import CompiledDecoder, compiled_steps_run_fast
+from ..cpu.attention import use_cpu_grouped_sdpa
+from .bundled_default import DEFAULT_MODEL_DIR, untrained_default_config
+from .llava import hf_model_type, load_llava
+from ..cpu.int8 import AFTER_LOADING, BITSANDBYTES, calibrate_and_quantize_int8, fast_path_covers, resolve_quantize
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _load(spec: str, quantize: str | None, device_map):
     if spec == "default":
         if is_checkpoint(DEFAULT_MODEL_DIR):
             return load_checkpoint(DEFAULT_MODEL_DIR, quantize=quantize, device_map=device_map)
-        from .builder import build_model
+        from ..model.builder import build_model
 
         model, processor = build_model(untrained_default_config(), quantize=quantize, device_map=device_map)
         return model.eval(), processor
@@ -101,7 +101,7 @@ def _load_directory(path: Path, spec: str, quantize, device_map):
         refuse_pickles(path)
         if kind == "llava":
             return load_llava(str(path))
-        from .blip2_interop import load_blip2
+        from .blip2 import load_blip2
 
         return load_blip2(str(path))
     raise ModelSpecError(

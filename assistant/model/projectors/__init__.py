@@ -26,4 +26,4 @@ def build_projector(config, vision_hidden: int, llm_hidden: int, num_positions: 
     return PROJECTORS[config.type](config, vision_hidden, llm_hidden, num_positions)
 
 
-from . import linear, mlp, qformer  # noqa: E402,F401  (registers the built-in projectors)
+from . import linear, mlp, qformer  # noqa: E402, F401  (registers the built-in projectors)

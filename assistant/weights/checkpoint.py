@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor
 
-from .builder import build_model
-from .config import CONFIG_NAME, ModelConfig
+from ..model.builder import build_model
+from ..model.config import CONFIG_NAME, ModelConfig
 from .llm import load_llm, refuse_pickle_only
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ModelConfig, ProjectorConfig, VisionConfig
+from ..model.config import ModelConfig, ProjectorConfig, VisionConfig
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
 
 # The composition the default recipe trains: a small CLIP ViT for 64x64-ish synthetic scenes.
 DEFAULT_VISION = {

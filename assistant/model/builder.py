@@ -5,9 +5,9 @@ from __future__ import annotations
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from .config import ModelConfig
-from .llm import load_llm
-from .model import VisionLanguageModel
-from .processor import VLMProcessor
+from ..weights.llm import load_llm
+from .vision_language_model import VisionLanguageModel
+from ..inputs.processor import VLMProcessor
 from .projectors import build_projector
 from .vision import VisionTower, build_vision_model
 

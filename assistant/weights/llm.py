@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .quantization import quantization_config
+from ..cpu.int8 import quantization_config
 
 BUILTIN_LLMS = {
     # name: (python package that ships the GGUF, file name inside it)

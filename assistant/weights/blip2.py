@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from .config import ModelConfig, ProjectorConfig, VisionConfig
-from .llava_interop import _hf_processor
+from ..model.config import ModelConfig, ProjectorConfig, VisionConfig
+from .llava import _hf_processor
 from .llm import language_model_of
-from .model import VisionLanguageModel
-from .processor import VLMProcessor
-from .projectors.qformer import QFormerProjector
-from .vision import VisionTower, _config_dict
+from ..model.vision_language_model import VisionLanguageModel
+from ..inputs.processor import VLMProcessor
+from ..model.projectors.qformer import QFormerProjector
+from ..model.vision import VisionTower, _config_dict
 
 # BLIP-2 was trained on "Question: {} Answer:" prompts and ships no chat template; turns follow one another in
 # the same form. Images are not in the text: the processor puts their query positions before the prompt.

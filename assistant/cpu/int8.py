@@ -51,7 +51,7 @@ def resolve_quantize(mode: str | None) -> str | None:
     if mode not in CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(CHOICES)}, not {mode!r}")
     if mode == "auto":
-        from .devices import has_accelerator
+        from .policy import has_accelerator
 
         return None if has_accelerator() else "int8"
     return mode
@@ -217,9 +217,9 @@ def quantize_int8(llm, input_ranges: dict[str, torch.Tensor]):
 def calibrate_and_quantize_int8(model, processor):
     """`quantize_int8` on a vision-language model, calibrated by answering a few questions in fp32 about
     drawn images (shapes, a gradient) and a few text-only prompts through the real engine."""
-    from .engine import ChatSession, Engine
+    from ..inference.engine import ChatSession, Engine
     from .fused_projections import fuse_projections
-    from .generation import GenerationConfig
+    from ..inference.generation import GenerationConfig
 
     # query/key/value and gate/up as one layer each (fused_projections.py) before the calibration, so that each
     # fused layer is smoothed and quantised as one: fewer products and input conversions per prompt

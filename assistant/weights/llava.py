@@ -11,12 +11,12 @@ import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, \
     LlavaProcessor
 
-from .config import ModelConfig, ProjectorConfig, VisionConfig
+from ..model.config import ModelConfig, ProjectorConfig, VisionConfig
 from .llm import language_model_of
-from .model import VisionLanguageModel
-from .processor import VLMProcessor
-from .projectors.mlp import MLPProjector
-from .vision import HAS_CLS, VisionTower, _config_dict
+from ..model.vision_language_model import VisionLanguageModel
+from ..inputs.processor import VLMProcessor
+from ..model.projectors.mlp import MLPProjector
+from ..model.vision import HAS_CLS, VisionTower, _config_dict
 
 
 def hf_model_type(path) -> str | None:

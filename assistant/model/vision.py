@@ -25,7 +25,7 @@ def build_vision_model(vision_config) -> nn.Module:
     config_cls, model_cls = TOWERS[vision_config.model_type]
     if vision_config.pretrained:
         if Path(vision_config.pretrained).is_dir():
-            from .llm import refuse_pickle_only
+            from ..weights.llm import refuse_pickle_only
 
             refuse_pickle_only(Path(vision_config.pretrained))
         model = model_cls.from_pretrained(vision_config.pretrained, use_safetensors=True, trust_remote_code=False)

@@ -66,7 +66,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from . import decode_attention
 from .background_compile import short_gil_slices, yielding_to_replies
 from .fused_projections import fuse_projections, merge_lora
-from .generation import cache_kwarg, position_ids_from_mask
+from ..inference.generation import cache_kwarg, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 ATTENTION = "grouped_decode_sdpa"
@@ -331,7 +331,7 @@ def compiled_steps_run_fast() -> bool:
     AVX-512 or fast bf16: 56-68 tokens/s against 24-31 eager with int4 layers, 83-92 all-int8; the bf16
     activations cost little there, the int8 weights are what a step reads, through inductor's AVX2 micro-GEMMs);
     elsewhere (ARM, x86 without AVX2) only where bf16 matrix products are fast, as before that measurement."""
-    from .quantization import bf16_matmul_is_fast
+    from .int8 import bf16_matmul_is_fast
 
     capability = torch.backends.cpu.get_cpu_capability()
     return capability == "AVX2" or capability.startswith("AVX512") or bf16_matmul_is_fast()

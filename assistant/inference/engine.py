@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .background_compile import computed_while_replying, replying
-from .chat_format import ConversationError
+from ..cpu.background_compile import computed_while_replying, replying
+from ..inputs.chat_format import ConversationError
 from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
-from .images import load_image
+from ..inputs.images import load_image
 from .packed_batch import PackedBatch, decode_packed, supports_packing
 from .shared_prefix import common_prefix_length, shared_prefix_groups
 

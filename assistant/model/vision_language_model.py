@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .chat_format import IGNORE_INDEX
+from ..inputs.chat_format import IGNORE_INDEX
 
 from .config import ModelConfig
 from .vision import VisionTower

@@ -12,7 +12,7 @@ class PathEscapeError(ValueError):
 def resolve_root(root):
     """A folder, or `easy-vqa:train` / `easy-vqa:test` for the installed dataset's images."""
     if isinstance(root, str) and root.startswith("easy-vqa:"):
-        from .easy_vqa import image_root
+        from ..vqa.easy_vqa import image_root
 
         return image_root(root.split(":", 1)[1])
     return root

@@ -35,7 +35,7 @@ from .generation import GenerationConfig, cache_kwarg, decode_steps, padded_feed
 
 def supports_packing(llm) -> bool:
     """Packing needs cpu_attention.py's attention, which computes the prompt's attention row by row."""
-    from .cpu_attention import NAME
+    from ..cpu.attention import NAME
 
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     return getattr(base.config, "_attn_implementation", None) == NAME
