@@ -80,9 +80,8 @@ def compile_decode_steps(decoder) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from assistant.inference.engine import Engine
-    from assistant.weights.loading import ModelSpecError, load_model
-
-    from assistant.cpu.int8 import resolve_quantize
+    from assistant.cpu.policy import resolve_quantize
+    from assistant.weights.loading import ModelSpecError, load_for_inference
 
     try:
         resolve_quantize(args.quantize)
@@ -92,9 +91,9 @@ def main(argv=None) -> int:
     from server.engine_thread import EngineThread
 
     def load():  # on the engine thread, which then computes every reply (engine_thread.py says why)
-        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
-                                      compile_decode=False if args.no_compile else "deferred")
-        return Engine(model, processor)
+        model, processor, runtime = load_for_inference(args.model, quantize=args.quantize,
+                                                       compile_decode=False if args.no_compile else "deferred")
+        return Engine(model, processor, runtime)
 
     try:
         engine = EngineThread(load)
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
         print(f"note: {model.config.description}", file=sys.stderr)
     app, demo = build_app(engine, args)
     # only now: compiling beside building the app made the server take 60 s to come up instead of 14
-    compile_decode_steps(getattr(model, "compiled_decoder", None))
+    compile_decode_steps(engine.runtime.decoder)
     if args.share:
         demo.launch(server_name=args.host, server_port=args.port, share=True,
                     auth=tuple(args.auth.split(":", 1)) if args.auth else None)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from assistant.cpu.compiled_decoder import wait_for_compiled_steps  # noqa: E402
 from assistant.inference.engine import ChatSession, Engine  # noqa: E402
 from assistant.inference.generation import GenerationConfig  # noqa: E402
-from assistant.weights.loading import load_model  # noqa: E402
+from assistant.weights.loading import load_for_inference, load_model  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "server" / "examples"
 
@@ -131,7 +131,7 @@ FIDELITY_PROMPTS = ["What is the capital of Italy?", "Give me two tips for stayi
 
 
 @torch.inference_mode()
-def token_agreement(fast_model, fp32_llm, processor, n_tokens) -> float:
+def token_agreement(fast_model, runtime, fp32_llm, processor, n_tokens) -> float:
     """How often the fast path picks fp32's next token along fp32's own greedy answers (teacher-forced:
     the prompt prefilled, then one token per step as in a chat, through the compiled steps when the
     engine has them), over FIDELITY_PROMPTS."""
@@ -139,7 +139,7 @@ def token_agreement(fast_model, fp32_llm, processor, n_tokens) -> float:
 
     from transformers import DynamicCache
 
-    fast_llm, compiled = fast_model.llm, getattr(fast_model, "compiled_decoder", None)
+    fast_llm, compiled = fast_model.llm, runtime.decoder
     agree = total = 0
     for prompt in FIDELITY_PROMPTS:
         ids = chat_ids(processor, prompt)
@@ -191,11 +191,11 @@ def main(argv=None) -> None:
     p.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"),
                    help="llama.cpp's llama-bench binary for the llama.cpp row (default: $LLAMA_BENCH, then PATH)")
     args = p.parse_args(argv)
-    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
-                                  compile_decode=not args.no_compile)
-    compiled = getattr(model, "compiled_decoder", None)
-    decode_steps = wait_for_compiled_steps(model)  # serve.py decodes eagerly until then; measured: the steady state
-    engine = Engine(model, processor)
+    model, processor, runtime = load_for_inference(args.model, quantize=args.quantize,
+                                                   compile_decode=not args.no_compile)
+    compiled = runtime.decoder
+    decode_steps = wait_for_compiled_steps(runtime)  # serve.py decodes eagerly until then; measured: the steady state
+    engine = Engine(model, processor, runtime)
     baseline, _ = load_model(args.model, quantize="none", merge_adapter=True)
     plain_llm = baseline.llm  # what a transformers user runs: the LLM with the adapter folded in
     engine_decode_rate(engine, 8)  # warm-up
@@ -211,11 +211,11 @@ def main(argv=None) -> None:
         t1.append(times[0])
         t5.append(times[4])
         t8.append(times[7])
-    agreement = token_agreement(model, plain_llm, processor, args.new_tokens)
+    agreement = token_agreement(model, runtime, plain_llm, processor, args.new_tokens)
     med = statistics.median
     print(json.dumps({
         "benchmark": "chat_speed", "model": args.model, "threads": torch.get_num_threads(),
-        "weights": getattr(model, "quantized", None) or "fp32",
+        "weights": runtime.quantized or "fp32",
         "decode_steps": decode_steps,
         **({"compile_seconds": round(compiled.compile_seconds, 1)} if compiled is not None and compiled.compile_seconds
            else {"compile_error": compiled.error} if compiled is not None and compiled.error else {}),

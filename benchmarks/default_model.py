@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.inference.engine import ChatSession, Engine  # noqa: E402
 from assistant.inference.generation import GenerationConfig  # noqa: E402
-from assistant.weights.loading import load_model  # noqa: E402
+from assistant.weights.loading import load_for_inference  # noqa: E402
 from assistant.vqa.metrics import pope_scores, score_items  # noqa: E402
 from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
 from assistant.vqa.inputs import builtin_dataset, load_questions  # noqa: E402
@@ -70,9 +70,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True)
-    engine = Engine(model, processor)
-    weights = getattr(model, "quantized", None) or "fp32"
+    model, processor, runtime = load_for_inference(args.model, quantize=args.quantize)
+    engine = Engine(model, processor, runtime)
+    weights = runtime.quantized or "fp32"
     out = out / weights if weights != "fp32" else out  # answer files of each precision apart
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "default_model", "model": args.model, "weights": weights}

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.cpu.compiled_decoder import wait_for_compiled_steps  # noqa: E402
 from assistant.inference.engine import Engine  # noqa: E402
-from assistant.weights.loading import load_model  # noqa: E402
+from assistant.weights.loading import load_for_inference  # noqa: E402
 from assistant.vqa.cli import LLAVA_SHORT_ANSWER  # noqa: E402
 from assistant.vqa.inputs import builtin_dataset  # noqa: E402
 from assistant.vqa.runner import run_questions  # noqa: E402
@@ -44,13 +44,13 @@ def main(argv=None) -> None:
 
     # as the VQA command runs them: batch 1 with compiled decode steps, batch 16 with eager ones (--compile auto);
     # and batch 16 with compiled steps for batches of 16 (--compile always), from a second copy of the model
-    model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True, compile_decode=True)
-    batch1_steps = wait_for_compiled_steps(model)
-    model16, _ = load_model(args.model, quantize=args.quantize, merge_adapter=True, compile_decode=True,
-                            decode_batch_size=16)
-    batch16_steps = wait_for_compiled_steps(model16)
-    engines = {"1": (Engine(model, processor), 1), "16": (Engine(model, processor), 16),
-               "16_compiled": (Engine(model16, processor), 16)}
+    model, processor, runtime = load_for_inference(args.model, quantize=args.quantize, compile_decode=True)
+    batch1_steps = wait_for_compiled_steps(runtime)
+    model16, _, runtime16 = load_for_inference(args.model, quantize=args.quantize, compile_decode=True,
+                                               decode_batch_size=16)
+    batch16_steps = wait_for_compiled_steps(runtime16)
+    engines = {"1": (Engine(model, processor, runtime), 1), "16": (Engine(model, processor, runtime), 16),
+               "16_compiled": (Engine(model16, processor, runtime16), 16)}
     items, root = builtin_dataset("easy-vqa:test")
     items = items[:args.items]
     for engine, size in engines.values():  # warm-up
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             runs[name].append(items_per_second(engine, items, root, size))
     rate = {name: statistics.median(values) for name, values in runs.items()}
     print(json.dumps({"benchmark": "vqa_throughput", "model": args.model, "items": len(items),
-                      "weights": getattr(model, "quantized", None) or "fp32",
+                      "weights": runtime.quantized or "fp32",
                       "batch1_decode_steps": batch1_steps, "batch16_compiled_decode_steps": batch16_steps,
                       "threads": torch.get_num_threads(), "batch1_items_per_s": round(rate["1"], 3),
                       "batch16_items_per_s": round(rate["16"], 3), "ratio_16_vs_1": round(rate["16"] / rate["1"], 2),

@@ -34,6 +34,7 @@ class EngineThread:
             raise self._error
         self.model = self.engine.model
         self.processor = self.engine.processor
+        self.runtime = self.engine.runtime
 
     def _run(self, load) -> None:
         try:

@@ -34,8 +34,8 @@ def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore
     config = engine.model.config
     max_bytes = int(max_image_mb * 1024 * 1024)
     banner = ("**Untrained model.** " if not config.trained else "") + (config.description or "")
-    if getattr(engine.model, "quantized", None):
-        banner += (f" Weights: {engine.model.quantized} (for speed on the CPU; answers can differ slightly from "
+    if engine.runtime.quantized:
+        banner += (f" Weights: {engine.runtime.quantized} (for speed on the CPU; answers can differ slightly from "
                    "full precision; `--quantize none` for fp32).")
 
     def settings(system, temperature, top_p, max_tokens):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import image_question, random_image, tiny_config
 
-from assistant import background_compile
+from assistant.cpu import background_compile
 from assistant.cpu.background_compile import (COMPILE_SWITCH_INTERVAL, computed_while_replying, replying,
                                           short_gil_slices, yielding_to_replies)
 from assistant.model.builder import build_model

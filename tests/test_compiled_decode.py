@@ -10,11 +10,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from assistant import compiled_decode, decode_attention
+from assistant.cpu import compiled_decoder as compiled_decode, decode_attention
 from assistant.model.builder import build_model
 from assistant.cpu.compiled_decoder import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
                                        exact_int4_grid, int4_grid, rescored_head, weight_only_copy)
 from assistant.inference.engine import ChatSession, Engine
+from assistant.inference.runtime import Runtime
 from assistant.inference.generation import GenerationConfig
 from helpers import random_image, tiny_config
 
@@ -139,26 +140,25 @@ def test_steps_step_aside_for_what_they_cannot_take(decoder):
 
 
 @contextlib.contextmanager
-def compiled_calls(model, decoder):
-    """`decoder` serving `model` within the block; yields the list of its compiled steps' arguments."""
+def compiled_calls(engine, decoder):
+    """`decoder` serving `engine` within the block; yields the list of its compiled steps' arguments."""
     calls, compiled = [], decoder._compiled
 
     def counting(*args):
         calls.append(args)
         return compiled(*args)
 
-    decoder._compiled, model.compiled_decoder = counting, decoder
+    decoder._compiled, engine.runtime = counting, Runtime(decoder=decoder)
     try:
         yield calls
     finally:
-        decoder._compiled = compiled
-        del model.compiled_decoder
+        decoder._compiled, engine.runtime = compiled, Runtime()
 
 
 def test_engine_chat_uses_the_compiled_steps_across_turns(model_and_processor, decoder):
     model, processor = model_and_processor
     engine = Engine(model, processor)
-    with compiled_calls(model, decoder) as steps:
+    with compiled_calls(engine, decoder) as steps:
         session = ChatSession()
         session.add_user_message("What is in the image?", [random_image(1)])
         engine.chat(session, GenerationConfig(max_new_tokens=12))
@@ -183,14 +183,10 @@ def test_a_failed_compile_leaves_eager_steps_and_says_why(model_and_processor, m
     with pytest.warns(RuntimeWarning, match="decoding stays eager"):
         assert decoder.start().wait(timeout=60) is False
     assert "no C++ compiler" in decoder.error
-    engine = Engine(model, processor)
-    model.compiled_decoder = decoder
-    try:
-        session = ChatSession()
-        session.add_user_message("Hello?")
-        assert isinstance(engine.chat(session, GenerationConfig(max_new_tokens=4)), str)
-    finally:
-        del model.compiled_decoder
+    engine = Engine(model, processor, Runtime(decoder=decoder))
+    session = ChatSession()
+    session.add_user_message("Hello?")
+    assert isinstance(engine.chat(session, GenerationConfig(max_new_tokens=4)), str)
     assert session.cache.get_seq_length() == len(session.cached_keys)
 
 
@@ -421,7 +417,7 @@ def test_batch_vqa_uses_the_batch_steps_for_full_batches_only(model_and_processo
                      for q in ("What colour?", "What shape is it?", "Is it big?", "Where?")[:n]]
         return engine.answer_batch(questions, images, GenerationConfig(max_new_tokens=6))
 
-    with compiled_calls(model, batch_decoder) as steps:
+    with compiled_calls(engine, batch_decoder) as steps:
         assert len(ask(3)) == 3
         # three rows: compiled steps (their logits: the test above)
         assert steps and {args[0].shape[0] for args in steps} == {3}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from assistant import decode_attention
+from assistant.cpu import decode_attention
 from assistant.cpu.compiled_decoder import grouped_decode_sdpa
 
 

@@ -12,7 +12,7 @@ from assistant.weights.bundled_default import DEFAULT_MODEL_DIR
 from assistant.inference.engine import ChatSession, Engine
 from assistant.inference.generation import GenerationConfig
 from assistant.inputs.images import load_image
-from assistant.weights.loading import load_model
+from assistant.weights.loading import load_for_inference
 from assistant.vqa.metrics import vqa_accuracy
 
 pytestmark = [pytest.mark.integration,
@@ -28,9 +28,9 @@ MIN_SCENE_ACCURACY = 0.65
 @pytest.fixture(scope="module", params=["none", "int8"])
 def engine(request):
     """Full precision, and the CPU fast path serve.py and the VQA command use by default."""
-    model, processor = load_model("default", quantize=request.param)
+    model, processor, runtime = load_for_inference("default", quantize=request.param)
     assert model.config.trained
-    return Engine(model, processor)
+    return Engine(model, processor, runtime)
 
 
 def ask(engine, items, root):
@@ -81,10 +81,10 @@ def test_multi_turn_and_plain_chat(engine):
 
 def test_deferred_decode_compilation_waits_for_its_caller():
     """serve.py loads with compile_decode="deferred" and starts compiling once its server is built."""
-    from assistant.cpu.compiled_decoder import compiled_steps_run_fast
+    from assistant.cpu.policy import compiled_steps_run_fast
 
     if not compiled_steps_run_fast():
         pytest.skip("the compiled decode steps are only made where they were measured fast (AVX2 / AVX-512 x86)")
-    model, _ = load_model("default", quantize="int8", compile_decode="deferred")
-    decoder = model.compiled_decoder
+    _, _, runtime = load_for_inference("default", quantize="int8", compile_decode="deferred")
+    decoder = runtime.decoder
     assert decoder._thread is None and not decoder.ready.is_set()  # nothing compiles until started

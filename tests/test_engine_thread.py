@@ -61,7 +61,7 @@ def test_a_failed_load_is_raised_by_the_constructor():
 def test_a_reply_is_marked_as_replying_as_a_whole(engine_thread):
     """The engine marks each step of a reply, the thread the whole reply: a compile that yields to replies
     (serve.py's, background_compile.py) does not wake between its tokens."""
-    from assistant import background_compile
+    from assistant.cpu import background_compile
 
     seen = []
 

@@ -5,9 +5,10 @@ fp32 or int8 path."""
 import pytest
 import torch
 
-from assistant import quantization
-from assistant.cpu.int8 import (Bf16PromptLinear, Fp32PromptLinear, SmoothedInt8Linear, _dynamic_int8,
-                                    bf16_matmul_is_fast, linear_input_ranges)
+from assistant.cpu import int8 as quantization
+from assistant.cpu import policy
+from assistant.cpu.int8 import Bf16PromptLinear, Fp32PromptLinear, SmoothedInt8Linear, _dynamic_int8, linear_input_ranges
+from assistant.cpu.policy import bf16_matmul_is_fast
 
 
 def test_smoothing_with_outlier_channels_beats_plain_dynamic_int8():
@@ -70,7 +71,7 @@ def test_without_fast_bf16_prompt_rows_keep_fp32_and_decode_rows_int8(monkeypatc
     block.get_output_embeddings = lambda: None
     quantization.quantize_int8(block, {"q_proj": x_long.abs().amax((0, 1))})
     assert type(block["q_proj"]) is Fp32PromptLinear and type(block["q_proj"].few_rows) is SmoothedInt8Linear
-    assert block["q_proj"].min_rows == quantization.PROMPT_ROWS_FP32_FROM > 16  # batch VQA's 16-row steps: int8
+    assert block["q_proj"].min_rows == policy.PROMPT_ROWS_FP32_FROM > 16  # batch VQA's 16-row steps: int8
     assert type(block["down_proj"]) is torch.nn.Linear
 
 
@@ -79,10 +80,10 @@ def test_bf16_speed_on_x86_follows_the_cpu_flags_not_a_timing(monkeypatch):
     compiled decode steps and bf16 prompt rows were left off: on x86 the instructions decide."""
     import platform
 
-    from assistant import quantization
+    from assistant.cpu import policy
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(quantization, "bf16_timing_says_fast", lambda *a, **k: pytest.fail("timed on x86"))
+    monkeypatch.setattr(policy, "bf16_timing_says_fast", lambda *a, **k: pytest.fail("timed on x86"))
     try:
         for amx, avx512_bf16, expected in [(True, False, True), (False, True, True), (False, False, False)]:
             monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
@@ -90,7 +91,7 @@ def test_bf16_speed_on_x86_follows_the_cpu_flags_not_a_timing(monkeypatch):
             bf16_matmul_is_fast.cache_clear()
             assert bf16_matmul_is_fast() is expected
         monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # no such flags there: a timing decides
-        monkeypatch.setattr(quantization, "bf16_timing_says_fast", lambda *a, **k: True)
+        monkeypatch.setattr(policy, "bf16_timing_says_fast", lambda *a, **k: True)
         bf16_matmul_is_fast.cache_clear()
         assert bf16_matmul_is_fast() is True
     finally:

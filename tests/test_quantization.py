@@ -8,7 +8,7 @@ from assistant.model.builder import build_model
 from assistant.weights.checkpoint import save_checkpoint
 from assistant.inference.engine import Engine
 from assistant.inference.generation import GenerationConfig
-from assistant.weights.loading import load_model
+from assistant.weights.loading import load_for_inference, load_model
 
 
 @pytest.mark.parametrize("mode,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
@@ -40,7 +40,7 @@ def test_device_map_auto_places_every_part(tiny_llm_dir, tmp_path):
 
 
 def test_bad_quantize_value():
-    from assistant.cpu.int8 import quantization_config
+    from assistant.weights.llm import quantization_config
 
     with pytest.raises(ValueError, match="4bit"):
         quantization_config("3bit")
@@ -54,8 +54,8 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
     model.llm = get_peft_model(model.llm, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     save_checkpoint(model, processor, tmp_path / "ckpt")
     full, _ = load_model(str(tmp_path / "ckpt"), quantize="none")
-    quant, qproc = load_model(str(tmp_path / "ckpt"), quantize="int8")
-    assert quant.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
+    quant, qproc, runtime = load_for_inference(str(tmp_path / "ckpt"), quantize="int8")
+    assert runtime.quantized == "int8" and not hasattr(quant.llm, "peft_config")  # merged, then quantised
     from assistant.cpu.int8 import SmoothedInt8Linear
 
     layer = quant.llm.model.layers[0]  # query/key/value and gate/up fused (fused_projections.py)
@@ -72,15 +72,15 @@ def test_int8_merges_the_adapter_and_stays_close(tiny_llm_dir_gentle, tmp_path):
         a, b = full(**batch).logits, quant(**batch).logits
     # int8 weights and 7-bit dynamic activations on a 64-wide random model: a few % off
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
-    answer = Engine(quant, qproc).answer_batch([image_question()], [[random_image()]],
-                                               GenerationConfig(max_new_tokens=3))
+    answer = Engine(quant, qproc, runtime).answer_batch([image_question()], [[random_image()]],
+                                                        GenerationConfig(max_new_tokens=3))
     assert isinstance(answer[0], str)
     with pytest.raises(ValueError, match="for inference"):
         save_checkpoint(quant, qproc, tmp_path / "again")
 
 
 def test_quantize_auto_and_bad_values():
-    from assistant.cpu.int8 import resolve_quantize
+    from assistant.cpu.policy import resolve_quantize
 
     assert resolve_quantize("auto") == ("int8" if not torch.cuda.is_available() else None)
     assert resolve_quantize("none") is None and resolve_quantize(None) is None

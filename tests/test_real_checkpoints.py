@@ -16,7 +16,7 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration, LlavaForC
 
 from assistant.inference.engine import ChatSession, Engine
 from assistant.inference.generation import GenerationConfig
-from assistant.weights.loading import load_model
+from assistant.weights.loading import load_for_inference, load_model
 
 NEW_TOKENS = 6
 CASES = {
@@ -258,22 +258,22 @@ def test_the_fast_path_leaves_other_families_on_the_plain_path_and_says_so(make,
     directory = make(tmp_path / "m")
     ref = Reference(directory)
     with caplog.at_level("WARNING"):
-        model, processor = load_model(str(directory), quantize="auto", compile_decode=True)
-    assert "covers Llama-architecture LLMs only" in caplog.text
-    assert getattr(model, "quantized", None) is None and getattr(model, "compiled_decoder", None) is None
+        model, processor, runtime = load_for_inference(str(directory), quantize="auto", compile_decode=True)
+    assert "covers Llama-architecture LLMs only" in caplog.text and runtime.notes
+    assert runtime.quantized is None and runtime.decoder is None
     session = ChatSession()
     session.add_user_message("What is shown here?", [IMAGE])
-    answer = Engine(model, processor).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
+    answer = Engine(model, processor, runtime).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
     assert answer == ref.answer([image_turn("What is shown here?")], [IMAGE])
 
 
 def test_the_fast_path_on_a_llama_llm_checkpoint(tmp_path):
     """A llava-hf checkpoint with a Llama LLM takes the fast path (int8, fused projections, compiled steps)."""
-    model, processor = load_model(str(llava_clip_llama(tmp_path / "m")), quantize="int8")
-    assert model.quantized == "int8"
+    model, processor, runtime = load_for_inference(str(llava_clip_llama(tmp_path / "m")), quantize="int8")
+    assert runtime.quantized == "int8"
     session = ChatSession()
     session.add_user_message("What is shown here?", [IMAGE])
-    assert Engine(model, processor).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
+    assert Engine(model, processor, runtime).chat(session, GenerationConfig(max_new_tokens=NEW_TOKENS)).strip()
 
 
 def test_vqa_command_on_prompts_the_model_cannot_take(tmp_path, capsys):

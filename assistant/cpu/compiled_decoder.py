@@ -1,52 +1,27 @@
-"""Compiled one-token decode steps for chat on the CPU (`--quantize auto`/`int8`, on x86 CPUs with AVX2 or
-AVX-512: compiled_steps_run_fast), and,
-when asked, for the full batches of batch VQA (`python -m assistant.vqa run --compile always`).
+"""Compiled one-token decode steps on the CPU: chat's (batch 1) and, on request, batch VQA's full batches.
 
-A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also
-pays for a few hundred small operator calls. Here a copy of the LLM keeps its linear layers as int8
-weights with one scale per output channel (weight-only: activations stay bf16, nothing is quantised per
-call), or, with AVX-512, as int4 where the weights already lie on a 4-bit grid (the bundled SmolLM2 comes from
-a Q4_1 GGUF file: int4 reproduces its weights exactly, in about a third fewer bytes than int8; a LoRA adapter
-then stays beside the large layers instead of being merged, LORA_SIDE_PATH_MIN_WEIGHTS; with AVX2 only, torch's
-int4 kernel is compute-bound and all-int8 is faster: int4_kernels_pay_off), and the whole step
-(embedding lookup, 30 layers, LM head) is one `torch.compile`d graph: inductor
-turns the int8 and int4 matrix-vector products into its own AMX / AVX-512 / AVX2 kernels, fuses the small operations
-around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed. Between kernels
-the main thread's serial work keeps the second core waiting, so there is little of it: the kernel calls
-are made from C++ (inductor's cpp_wrapper), and in Llama-architecture models the query/key/value and the
-gate/up projections are one matrix each (fewer, larger GEMMs). Attention reads only the filled part of the
-static cache (the length is passed in, so the graph is compiled for a symbolic length, not once per
-length), through our one-token attention kernel (decode_attention.py: each key/value row read once for
-the query heads that share it, positions split evenly over the threads), or where that cannot be built,
-through SDPA with those query heads stacked as rows of one call instead of copying keys and values.
+A decode step reads every weight of the LLM once to produce one token, and in eager PyTorch it also pays for a
+few hundred small operator calls. Here the step runs through the weight-only copy of the LLM (weight_only.py) as
+one `torch.compile`d graph: inductor turns the int8 and int4 matrix-vector products into its own CPU kernels and
+fuses the small operations around them, and the KV cache is a transformers StaticCache, so the shapes stay fixed.
+The kernel calls are made from C++ (inductor's cpp_wrapper), since between kernels the main thread's serial work
+keeps the other cores waiting. Attention reads only the filled part of the static cache (its length is passed
+in, so one graph serves every length), through attention.py's `grouped_decode_sdpa`.
 
-Measured on the default model (README, benchmarks/chat_speed.py): on the AMX machine more than 3x the eager int8
-decode steps, 3.8-5.4x plain transformers `generate` in fp32, 0.47-0.54x llama.cpp (the machine varies; 0.50-0.54x
-since gate/up stay int4, 0.52x with the step's guards on its arguments only); on the AVX2 machine (all-int8)
-about 3x the eager int8 steps, 5.7-6.0x `generate`, 0.71-0.82x llama.cpp.
-Compiling takes about 2 minutes the first time (inductor caches the result on disk, keyed by a digest of the
-weights; 20-25 s afterwards on the AMX machine, 32-35 s on the AVX2 one, 41-60 s beside other work), so it runs in
-a background thread at load, ends with a check that one compiled step agrees with the eager one, and decoding uses
-the eager path until it is ready, or whenever it cannot be used: a batch of another size than the one it was
-compiled for (1 for chat), a padded row at batch 1, a context longer than the static cache, a second reply
-generated at the same time, a compiler missing or failing, a failed check (the error is kept in
-`CompiledDecoder.error` and warned once). A decoder for batches of N rows (batch VQA's left-padded rows, after a
-shared image prefix) has a graph of its own that also takes the rows' attention mask and positions, and attends
-through SDPA with the mask: at batch 16, 20 ms a step against 46 for the eager int8 steps of all 16 rows; but batch
-VQA's packed batches (packed_batch.py) step only the rows still answering, so this pays only where answers run long
-(a sentence: about 10% more items/s; one word: 2% fewer) and only on request (`python -m assistant.vqa run
---compile always`).
+Compiling takes minutes the first time (inductor caches the result on disk, keyed by a digest of the weights), so
+it runs in a background thread, ends with a check that one compiled step agrees with the eager one, and decoding
+stays eager until it is ready, or whenever it cannot be used: a batch of another size than the one it was compiled
+for, a padded row at batch 1, a context longer than the static cache, a second reply at the same time, a compiler
+missing or failing, a failed check (the error is kept in `CompiledDecoder.error` and warned once).
 
-Prompts (prefill) still run through the engine's LLM (quantization.py); only the steps after the first
-token come here. The prompt's keys and values are copied into the static cache before the first step
-and the steps' keys and values are appended to the session's DynamicCache afterwards, so a chat session
-continues from its cache exactly as with eager steps.
+Prompts still run through the engine's LLM; only the steps after the first token come here. The prompt's keys and
+values are copied into the static cache before the first step, and the steps' keys and values are appended to the
+session's DynamicCache afterwards, so a chat session continues from its cache exactly as with eager steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import inspect
 import logging
@@ -57,235 +32,15 @@ import types
 import warnings
 
 import torch
-from peft import PeftModel
-from peft.tuners.lora import Linear as LoraLinear
-from transformers import AttentionInterface, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import StaticCache
 
+from ..inference.generation import cache_kwarg, position_ids_from_mask
 from . import decode_attention
 from .background_compile import short_gil_slices, yielding_to_replies
-from .fused_projections import fuse_projections, merge_lora
-from ..inference.generation import cache_kwarg, position_ids_from_mask
+from .weight_only import weight_only_copy
 
 logger = logging.getLogger(__name__)
-ATTENTION = "grouped_decode_sdpa"
 WARM_UP_STEPS = 4  # a few lengths, each through the one graph compiled for a symbolic length
-INT4_GROUP = 32  # weights per scale and zero point along a row: Q4_1's blocks, and torch's int4 kernels take it
-# A LoRA adapter on an int4 layer costs two small matmuls a step (merged, it would move the weights off their
-# grid); they pay for themselves only on large layers. Default model, same-process A/Bs (tokens/s): gate/up
-# (576 x 3,072) int4 with its adapter beside it 156.2 against all-int8 147.1; every layer so 125.3 against
-# 141.1; gate/up and down (576 x 1,536) 151.8 against gate/up alone 154.9 (with the adapter in a C++ operator).
-# Below this many weights a layer with an adapter stays int8, adapter merged.
-LORA_SIDE_PATH_MIN_WEIGHTS = 1 << 20
-
-
-def grouped_decode_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, except for one query token: attention over the first
-    `valid_length` cache positions only, through our decode kernel (decode_attention.py) where it is built
-    and takes the shapes, else through SDPA with the query heads that share a key/value head stacked as
-    rows of one call (no per-head copies of the keys and values). Our kernel takes no mask: it serves one
-    unpadded row, which sees every filled position; batches (left-padded rows) go through SDPA with the mask."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    valid = kwargs.get("valid_length")
-    if query.shape[2] != 1 or valid is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if query.shape[0] == 1 and decode_attention.supports(module, query.dtype):
-        return decode_attention.decode_attention(query, key, value, valid, module.scaling).transpose(1, 2), None
-    batch, heads, _, dim = query.shape
-    stacked = query.reshape(batch, heads // groups, groups, dim)
-    mask = attention_mask[..., :valid] if attention_mask is not None else None
-    out = torch.nn.functional.scaled_dot_product_attention(stacked, key[:, :, :valid], value[:, :, :valid],
-                                                           attn_mask=mask, scale=module.scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-AttentionInterface.register(ATTENTION, grouped_decode_sdpa)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
-class Int8WeightOnlyLinear(torch.nn.Module):
-    """`linear(x)` with int8 weights and one scale per output channel; written as dequantise-then-matmul,
-    the pattern inductor replaces by its int8 weight-only kernels (never run eagerly in the fast path)."""
-
-    def __init__(self, linear: torch.nn.Linear, dtype=torch.bfloat16):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(1).clamp(min=1e-8) / 127
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(dtype))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
-
-    def forward(self, x):
-        y = torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scale
-        return y if self.bias is None else y + self.bias
-
-
-def int4_grid(weight: torch.Tensor, group: int = INT4_GROUP):
-    """The nearest asymmetric 4-bit grid of each `group` weights along a row (Q4_1's scheme): codes 0-15,
-    `scale` and `low` per group, weight ~ low + scale * code."""
-    weight = weight.detach().float()
-    rows, columns = weight.shape
-    groups = weight.reshape(rows, columns // group, group)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = (high - low) / 15
-    codes = torch.round((groups - low[..., None]) / scale.clamp(min=1e-30)[..., None]).clamp(0, 15)
-    return codes.to(torch.int32).reshape(rows, columns), scale, low
-
-
-def exact_int4_grid(weight: torch.Tensor, group: int = INT4_GROUP):
-    """int4_grid(weight) where it reproduces every weight (to a thousandth of its group's step: the weights
-    were dequantised from 4-bit codes, as a Q4_1 GGUF file's are), else None."""
-    if weight.dim() != 2 or weight.shape[1] % group:
-        return None
-    codes, scale, low = int4_grid(weight, group)
-    groups = weight.detach().float().reshape(*scale.shape, group)
-    off = (groups - low[..., None] - codes.reshape(groups.shape) * scale[..., None]).abs()
-    return (codes, scale, low) if bool((off <= 1e-3 * scale[..., None] + 1e-30).all()) else None
-
-
-def pack_int4(codes, scale, low, dtype):
-    """Codes, scales and zero points in the layout torch's int4 CPU kernel (and inductor's template for it)
-    reads: value = (code - 8) * scale + zero. The scales in the activations' dtype: converted per call,
-    inductor's int4 GEMM lowering would get a computed tensor where it wants a buffer and stop."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return packed, torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
-
-
-class Int4WeightOnlyLinear(torch.nn.Module):
-    """`linear(x)` for a weight that lies on a 4-bit grid already (exact_int4_grid): its codes, scales and
-    zero points as they are, so nothing is rounded but the scales to bf16. A LoRA adapter (A, B with its
-    scaling folded in) stays beside it as two small matmuls."""
-
-    def __init__(self, linear: torch.nn.Linear, grid, lora=None, dtype=torch.bfloat16, group: int = INT4_GROUP):
-        super().__init__()
-        packed, scale_zero = pack_int4(*grid, dtype)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale_zero", scale_zero)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
-        # as batched products (1, in, rank) and (1, rank, out): inductor gives bf16 linear layers and 2-D matmuls
-        # oneDNN-packed weights, and never keeps a graph holding those in its disk cache (3 minutes to compile
-        # at every start instead of 40 s)
-        self.register_buffer("lora_a", None if lora is None else lora[0].detach().t()[None].contiguous().to(dtype))
-        self.register_buffer("lora_b", None if lora is None else lora[1].detach().t()[None].contiguous().to(dtype))
-        self.group = group
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        if self.lora_a is not None:
-            y = y + torch.bmm(torch.bmm(flat[None], self.lora_a), self.lora_b)[0]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
-
-
-class RescoredLMHead(torch.nn.Module):
-    """The LM head in two passes: every logit from int4 weights (groups of 32, asymmetric), then the `top`
-    largest recomputed exactly from the Int8WeightOnlyLinear head's rows. The head is a fifth of a step's
-    bytes for SmolLM2 (49,152 x 576); int4 reads 18 MB instead of 28. The greedy pick is the int8 head's
-    whenever it is among the int4 pass's top 16 (the same 150 tokens in the A/B below); sampling sees
-    int4 values outside the top 16. Measured, same process: 124.8 vs 116.1 tokens/s."""
-
-    def __init__(self, head: Int8WeightOnlyLinear, weight: torch.Tensor, top: int = 16, group: int = INT4_GROUP):
-        super().__init__()
-        packed, scale_zero = pack_int4(*int4_grid(weight, group), head.scale.dtype)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale_zero", scale_zero)
-        self.exact, self.top, self.group = head, top, group
-
-    def forward(self, hidden):
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        approximate = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        top = approximate.topk(self.top, dim=-1).indices
-        # a product and a sum rather than a matmul: inductor would take gathered int8 rows for its int8
-        # weight-only GEMM pattern, which needs the weight as a buffer, and stop with an assertion
-        rows = self.exact.weight[top].float() * self.exact.scale[top, None].float()
-        exact = (flat[:, None, :].float() * rows).sum(-1)
-        if self.exact.bias is not None:
-            exact = exact + self.exact.bias[top].float()
-        logits = approximate.scatter(-1, top, exact.to(approximate.dtype))
-        return logits.reshape(*hidden.shape[:-1], -1)
-
-
-def rescored_head(head: Int8WeightOnlyLinear, weight: torch.Tensor):
-    """RescoredLMHead where torch's int4 CPU kernels take these shapes, else `head` as it is."""
-    try:
-        fast = RescoredLMHead(head, weight)
-        fast(torch.zeros(1, weight.shape[1], dtype=head.scale.dtype))
-        return fast
-    except (RuntimeError, AttributeError):  # an older torch, a width not a multiple of the group...
-        return head
-
-
-def lora_factors(llm):
-    """(a deep copy of `llm` without its LoRA adapter, {linear layer's name: (A, B * scaling)}) for a peft
-    LoRA model of one plain adapter; (a deep copy with the adapter merged, {}) for any other peft model;
-    (a deep copy, {}) for a model without one."""
-    if not isinstance(llm, PeftModel):
-        return copy.deepcopy(llm), {}
-    layers = {n: m for n, m in llm.get_base_model().named_modules()
-              if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-
-    def plain(m):
-        adapter = m.active_adapters[0] if len(m.active_adapters) == 1 else None
-        return (type(m) is LoraLinear and adapter in m.lora_A and not m.use_dora.get(adapter)
-                and not getattr(m, "fan_in_fan_out", False) and not getattr(m, "lora_bias", {}).get(adapter, False))
-
-    if not all(plain(m) for m in layers.values()):  # DoRA, several adapters, biases...: merged, as eager steps do
-        return copy.deepcopy(llm).merge_and_unload(), {}
-    adapters = {}
-    for name, m in layers.items():
-        adapter = m.active_adapters[0]
-        adapters[name] = (m.lora_A[adapter].weight.detach().float().clone(),
-                          m.lora_B[adapter].weight.detach().float() * m.scaling[adapter])
-    return copy.deepcopy(llm).unload(), adapters
-
-
-def int4_kernels_pay_off() -> bool:
-    """Whether the decode copy should use int4 layers on this CPU: with AVX-512 (inductor's int4 weight-only GEMM
-    templates; AMX machine: gate/up int4 153.7 tokens/s against 146.1 all-int8, the int4-and-rescore LM head 124.8
-    against 116.1). With AVX2 only, torch's int4 kernel is compute-bound and every layer int8 is faster (a 2-core
-    AMD EPYC, same-process A/Bs of 6 rounds: all-int8 83.5 tokens/s against 62.1 for int4 gate/up and LM head,
-    87.3 against 79.1 for the int4 LM head alone)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def weight_only_copy(llm, dtype=torch.bfloat16, int4: bool | None = None):
-    """A copy of `llm` in `dtype` for the decode steps: fused projections (fuse_projections), each linear layer
-    as Int4WeightOnlyLinear where its weights already lie on a 4-bit grid, else as Int8WeightOnlyLinear, and
-    the LM head (untied from the embedding) as RescoredLMHead over the int8 one. A LoRA adapter (peft) stays
-    beside an int4 layer of at least LORA_SIDE_PATH_MIN_WEIGHTS weights and is merged into every other layer.
-    `int4`: False keeps every layer and the LM head int8 (adapter merged); None: int4_kernels_pay_off()."""
-    int4 = int4_kernels_pay_off() if int4 is None else int4
-    fast, adapters = lora_factors(llm)
-    head = fast.get_output_embeddings()
-    if head is not None and head.weight is fast.get_input_embeddings().weight:
-        untied = torch.nn.Linear(head.in_features, head.out_features, bias=False)
-        untied.weight = torch.nn.Parameter(head.weight.detach().clone())
-        fast.set_output_embeddings(untied)
-    fuse_projections(fast, adapters)
-    head_weight = fast.get_output_embeddings().weight.detach()  # no copy: its Linear is swapped out below
-    for name, module in [(n, m) for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]:
-        fast.set_submodule(name, _weight_only_linear(module, adapters.get(name), dtype, int4))
-    fast = fast.to(dtype).eval()
-    if int4:
-        fast.set_output_embeddings(rescored_head(fast.get_output_embeddings(), head_weight))
-    fast.set_attn_implementation(ATTENTION)
-    return fast
-
-
-def _weight_only_linear(linear: torch.nn.Linear, lora, dtype, int4: bool):
-    # the grid is looked for only where int4 could be used: it is most of the copy's time at load
-    int4_pays = int4 and (lora is None or linear.weight.numel() >= LORA_SIDE_PATH_MIN_WEIGHTS)
-    grid = exact_int4_grid(linear.weight) if int4_pays else None
-    if grid is not None:
-        try:
-            return Int4WeightOnlyLinear(linear, grid, lora, dtype)
-        except RuntimeError:  # an older torch, rows not a multiple of what its int4 packing takes...
-            pass
-    merge_lora(linear, lora)
-    return Int8WeightOnlyLinear(linear, dtype)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -325,22 +80,10 @@ def prime_fx_tracing() -> None:
         pass
 
 
-def compiled_steps_run_fast() -> bool:
-    """Whether load_model should compile decode steps on this CPU: where they were measured faster than the eager
-    int8 steps. x86 with AVX-512 (AMX machine, default model: 3x eager) or AVX2 (a 2-core AMD EPYC without
-    AVX-512 or fast bf16: 56-68 tokens/s against 24-31 eager with int4 layers, 83-92 all-int8; the bf16
-    activations cost little there, the int8 weights are what a step reads, through inductor's AVX2 micro-GEMMs);
-    elsewhere (ARM, x86 without AVX2) only where bf16 matrix products are fast, as before that measurement."""
-    from .int8 import bf16_matmul_is_fast
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability == "AVX2" or capability.startswith("AVX512") or bf16_matmul_is_fast()
-
-
-def wait_for_compiled_steps(model) -> str:
-    """For measurements: wait until `model`'s decode steps are compiled (if it compiles them) and say
-    which steps generations of its decoder's batch size now use, "compiled" or "eager"."""
-    decoder = getattr(model, "compiled_decoder", None)
+def wait_for_compiled_steps(runtime) -> str:
+    """For measurements: wait until the runtime's decode steps are compiled (if it compiles them) and say which
+    steps generations of its decoder's batch size now use, "compiled" or "eager"."""
+    decoder = runtime.decoder
     return "compiled" if decoder is not None and decoder.wait() else "eager"
 
 

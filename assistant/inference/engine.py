@@ -19,9 +19,10 @@ from transformers import DynamicCache
 
 from ..cpu.background_compile import computed_while_replying, replying
 from ..inputs.chat_format import ConversationError
-from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from ..inputs.images import load_image
+from .generation import GenerationConfig, TextStream, decode, end_token_ids, prefill
 from .packed_batch import PackedBatch, decode_packed, supports_packing
+from .runtime import Runtime
 from .shared_prefix import common_prefix_length, shared_prefix_groups
 
 
@@ -93,8 +94,10 @@ class ChatSession:
 
 
 class Engine:
-    def __init__(self, model, processor, *, context_length: int | None = None):
+    def __init__(self, model, processor, runtime: Runtime | None = None, *, context_length: int | None = None):
+        """`runtime`: how the model runs fast here (load_for_inference gives it); None: plain transformers."""
         self.model = model.eval()
+        self.runtime = runtime or Runtime()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.end_ids = end_token_ids(self.tokenizer, model.llm)
@@ -120,13 +123,15 @@ class Engine:
         groups = shared_prefix_groups(ids, pixels, self.processor.image_token_id)
         if len(ids) > 1 and supports_packing(self.model.llm):  # one packed sequence, no padding (packed_batch.py)
             features = self._features([pixels[members[0]] for members, _ in groups if pixels[members[0]] is not None])
-            steps = decode_packed(self.model, PackedBatch(ids, groups), features, config, self.end_ids)
+            steps = decode_packed(self.model, PackedBatch(ids, groups), features, config, self.end_ids,
+                                  self.runtime.decoder)
         elif len(groups) == len(ids):  # nothing shared: one left-padded prefill
             batch = self.processor.pad(ids, padding_side="left")
             features = self._features([p for p in pixels if p is not None])
             with torch.inference_mode():
                 embeds = self.model.embed(batch["input_ids"], features)
-            steps = decode(self.model, embeds, batch["attention_mask"], config, self.end_ids)
+            steps = decode(self.model, embeds, batch["attention_mask"], config, self.end_ids,
+                           decoder=self.runtime.decoder)
         else:
             steps = self._decode_with_shared_prefixes(ids, pixels, groups, config)
         streams = [TextStream(self.tokenizer, config.stop) for _ in conversations]
@@ -173,7 +178,7 @@ class Engine:
         mask = torch.cat([prefixes["attention_mask"][rows], suffixes["attention_mask"]], dim=1)
         with torch.inference_mode():
             embeds = self.model.embed(suffixes["input_ids"], None)
-        return decode(self.model, embeds, mask, config, self.end_ids, cache=cache,
+        return decode(self.model, embeds, mask, config, self.end_ids, cache=cache, decoder=self.runtime.decoder,
                       past_length=prefixes["input_ids"].shape[1])
 
     # ---- chat --------------------------------------------------------------------------------
@@ -204,6 +209,7 @@ class Engine:
         session.cached_keys = []  # invalid while the cache is being extended
         try:
             steps = decode(self.model, embeds, mask, config, self.end_ids, cache=session.cache, past_length=reuse,
+                           decoder=self.runtime.decoder,
                            should_stop=should_stop)
             for step in computed_while_replying(steps):  # the prompt and each step; not the caller's work
                 token = int(step[0])

@@ -90,8 +90,9 @@ def prefill(model, inputs_embeds, attention_mask, cache: DynamicCache, past_leng
 
 @torch.inference_mode()
 def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_ids: set[int], *,
-           cache: DynamicCache | None = None, past_length: int = 0, should_stop=None):
-    """Prefill `inputs_embeds` (after `past_length` cached positions) and decode.
+           cache: DynamicCache | None = None, past_length: int = 0, should_stop=None, decoder=None):
+    """Prefill `inputs_embeds` (after `past_length` cached positions) and decode, the steps through `decoder` (the
+    runtime's compiled decode steps) where it takes them, else eagerly.
 
     Yields, after each step, a tensor of the new token ids (one per row; rows that finished yield
     their end token again). Stops when every row has ended, at max_new_tokens, or when
@@ -102,8 +103,7 @@ def decode(model, inputs_embeds, attention_mask, config: GenerationConfig, end_i
     full_mask = attention_mask.to(inputs_embeds.device)
     positions = position_ids_from_mask(full_mask)[:, past_length:]
     out = prefill(model, inputs_embeds, full_mask, cache, past_length)
-    compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: batch-1 steps on the CPU
-    with compiled.steps(cache, full_mask, config.max_new_tokens) if compiled else contextlib.nullcontext() as step:
+    with decoder.steps(cache, full_mask, config.max_new_tokens) if decoder else contextlib.nullcontext() as step:
         feed = padded_feed(llm, full_mask, positions, cache, step)
         yield from decode_steps(out.logits[:, -1, :], config, end_ids, feed, should_stop)
 

@@ -192,16 +192,16 @@ def prefill_packed(model, packed: PackedBatch, features):
 
 
 @torch.inference_mode()
-def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig, end_ids: set[int]):
+def decode_packed(model, packed: PackedBatch, features, config: GenerationConfig, end_ids: set[int], decoder=None):
     """Prefill the packed prompt and decode; yields, after each step, the new token of every row (rows that
-    finished yield an end token again), as generation.decode does."""
+    finished yield an end token again), as generation.decode does; `decoder`: the runtime's compiled decode
+    steps, used where they serve batches of this size."""
     llm, device = model.llm, model.device
     logits, cache, layout = prefill_packed(model, packed, features)  # (rows, vocab)
-    compiled = getattr(model, "compiled_decoder", None)  # compiled_decode.py: steps for batches of its size
-    if compiled is not None and compiled.batch_size == packed.rows and compiled.ready.is_set():
+    if decoder is not None and decoder.batch_size == packed.rows and decoder.ready.is_set():
         # its graph takes left-padded rows: the prompt's keys and values gathered so, every row fed each step
         padded, mask = layout.padded_cache(cache, llm.config), layout.row_mask.to(device)
-        with compiled.steps(padded, mask, config.max_new_tokens) as step:
+        with decoder.steps(padded, mask, config.max_new_tokens) as step:
             if step is not None:
                 yield from decode_steps(logits, config, end_ids,
                                         padded_feed(llm, mask, position_ids_from_mask(mask), padded, step))

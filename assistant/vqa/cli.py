@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from .metrics import score_items
-from ..cpu.int8 import CHOICES as QUANTIZE_CHOICES
-from ..cpu.int8 import HELP as QUANTIZE_HELP
+from ..cpu.policy import QUANTIZE_CHOICES, QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -82,7 +81,7 @@ def run_command(args) -> int:
     if args.limit:
         items = items[:args.limit]
     from ..inference.engine import Engine
-    from ..weights.loading import ModelSpecError, load_model
+    from ..weights.loading import ModelSpecError, load_for_inference
     from .runner import run_questions
 
     output = Path(args.output)
@@ -98,9 +97,9 @@ def run_command(args) -> int:
     except OSError as e:
         raise InputError(f"--output {output}: cannot be written ({e.strerror or e})") from None
     try:
-        model, processor = load_model(args.model, quantize=args.quantize, merge_adapter=True,
-                                      compile_decode=compiles_decode_steps(args.compile, args.batch_size),
-                                      decode_batch_size=args.batch_size)
+        model, processor, runtime = load_for_inference(
+            args.model, quantize=args.quantize, compile_decode=compiles_decode_steps(args.compile, args.batch_size),
+            decode_batch_size=args.batch_size)
     except (ModelSpecError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
@@ -110,7 +109,7 @@ def run_command(args) -> int:
     if problem:
         print(f"error: --model {args.model} cannot take this run's prompts: {problem}", file=sys.stderr)
         return 2
-    counts = run_questions(Engine(model, processor), items, output, image_root, batch_size=args.batch_size,
+    counts = run_questions(Engine(model, processor, runtime), items, output, image_root, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
     rate = counts["answered"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
     print(f"{counts['answered']} answered, {counts['failed']} failed, {counts['skipped']} already in {output} "

@@ -49,8 +49,8 @@ def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> P
     leaves a directory without a config (not a checkpoint) rather than a half-written one.
     `save_llm`: also write the full LLM (when its own weights were trained, not only a LoRA adapter).
     """
-    if getattr(model, "quantized", None):
-        raise ValueError(f"this model was loaded with --quantize {model.quantized} for inference; load it "
+    if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        raise ValueError("this model's LLM has int8 layers for CPU inference (--quantize int8); load it "
                          "without quantization to save or train it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

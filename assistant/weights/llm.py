@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..cpu.int8 import quantization_config
 
 BUILTIN_LLMS = {
     # name: (python package that ships the GGUF, file name inside it)
@@ -156,3 +155,18 @@ def language_model_of(composite) -> torch.nn.Module:
         except OSError:
             pass  # no generation_config.json: the text config's own settings stay
     return llm.eval()
+
+
+def quantization_config(mode: str, compute_dtype=None):
+    """bitsandbytes settings for `--quantize 4bit|8bit` (LLaVA's --load-4bit / --load-8bit; QLoRA training)."""
+    if mode not in ("4bit", "8bit"):
+        raise ValueError(f"bitsandbytes quantize must be '4bit' or '8bit', not {mode!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise RuntimeError(f"{mode} loading needs bitsandbytes: pip install bitsandbytes ({e})") from None
+    if mode == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype or torch.float32, bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(load_in_8bit=True)
