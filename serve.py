@@ -21,18 +21,18 @@ def parse_args(argv=None):
                    help="USER:PASS for the UI (or env VISION_ASSISTANT_AUTH); the API then needs 'Bearer PASS'")
     p.add_argument("--max-image-mb", type=float, default=10, help="largest accepted image upload")
     p.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
-    # assistant.cpu.int8.HELP's words: importing it would load torch before --help answers
+    # assistant.cpu.policy.QUANTIZE_HELP's words: importing it would load torch before --help answers
     p.add_argument("--quantize", default="auto",
                    help="LLM weights: auto (int8 on a CPU, full precision on a GPU), none (full precision), int8 "
                         "(smoothed int8 on the CPU: faster, answers can differ slightly from full precision), "
                         "4bit / 8bit (bitsandbytes)")
     p.add_argument("--no-compile", action="store_true",
-                   help="with int8: keep the eager decode steps instead of compiling them in the background "
-                        "(compiled: about 3x faster replies than eager int8, after a compile of about 2 minutes "
-                        "the first time and 20-25 s later; bf16 activations)")
+                   help="with int8: keep the eager decode steps instead of compiling faster ones in the "
+                        "background")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let the API fetch http(s) image URLs (off: only data: URLs)")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link (UI only)")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings and progress bars")
     return p.parse_args(argv)
 
 
@@ -65,20 +65,24 @@ def compile_decode_steps(decoder) -> None:
 
     decoder.start(yield_to_replies=True)  # a person waits on each reply: the compile pauses for them
 
-    print("note: compiling the decode steps in the background (about 2 minutes the first time); replies "
-          "use the eager int8 steps until then (--no-compile: always)", file=sys.stderr, flush=True)
+    print("note: the chat is ready and gets faster in the background (compiling its decode steps: a couple of "
+          "minutes the first time, less later)", file=sys.stderr, flush=True)
 
     def report():
         if decoder.wait():
-            print(f"note: compiled decode steps ready after {decoder.compile_seconds:.0f} s", file=sys.stderr, flush=True)
+            print(f"note: faster replies ready (decode steps compiled in {decoder.compile_seconds:.0f} s)",
+                  file=sys.stderr, flush=True)
         else:
-            print(f"note: decode steps stay eager: {decoder.error}", file=sys.stderr, flush=True)
+            print(f"note: replies stay at their first speed ({decoder.error})", file=sys.stderr, flush=True)
 
     threading.Thread(target=report, daemon=True).start()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from assistant.console import setup_logging
+
+    setup_logging(args.verbose)
     from assistant.inference.engine import Engine
     from assistant.cpu.policy import resolve_quantize
     from assistant.weights.loading import ModelSpecError, load_for_inference

@@ -7,11 +7,18 @@
 `load_model` gives the plain model (for training, export, or reading the code as plain transformers).
 """
 
-from .model.config import ModelConfig, ProjectorConfig, VisionConfig
-from .inference.engine import ChatSession, Engine
-from .inference.generation import GenerationConfig
-from .inference.runtime import Runtime
-from .weights.loading import load_for_inference, load_model
+import importlib
 
-__all__ = ["ModelConfig", "ProjectorConfig", "VisionConfig", "ChatSession", "Engine", "GenerationConfig",
-           "Runtime", "load_for_inference", "load_model"]
+# Imported on first use, so that `import assistant` (and `python -m assistant.vqa --help`) loads no torch.
+_EXPORTS = {
+    "ModelConfig": ".model.config", "ProjectorConfig": ".model.config", "VisionConfig": ".model.config",
+    "ChatSession": ".inference.engine", "Engine": ".inference.engine", "GenerationConfig": ".inference.generation",
+    "Runtime": ".inference.runtime", "load_for_inference": ".weights.loading", "load_model": ".weights.loading",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'assistant' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

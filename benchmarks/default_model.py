@@ -1,4 +1,4 @@
-"""The default model's measured table (issue: the embedded default model), as one JSON line.
+"""The default model's measured table (docs/model_card.md), as one JSON line.
 
     python benchmarks/default_model.py [--model default] [--out runs/bench] [--easy-vqa-limit N]
 

@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assistant.model.builder import build_model  # noqa: E402
 from assistant.model.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from assistant.model.vision_language_model import base_llm  # noqa: E402
 from assistant.inference.engine import Engine  # noqa: E402
 from assistant.inference.generation import GenerationConfig, decode  # noqa: E402
 from assistant.weights.llm import resolve_llm_dir  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.setup import prepare_llm  # noqa: E402
+from finetune.model_setup import prepare_llm  # noqa: E402
 
 H100_BF16_DENSE = 989.4e12
 
@@ -152,7 +153,7 @@ def training_figures(model, processor, image, spec, steps=10) -> dict:
     for _ in range(3):
         step()
     # torch's SDPA FLOP formula rejects grouped-query shapes: count one step with eager attention (same math)
-    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    base = base_llm(model.llm)
     base.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
         step()

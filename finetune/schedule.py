@@ -1,7 +1,7 @@
 """The learning-rate schedule: warmup then cosine decay to zero, measured either in optimizer steps
 (`train.schedule: steps`, the default) or in wall time (`train.schedule: minutes`).
 
-The minutes form is for a fixed time budget (a lent GPU, a laptop's lunch break): the run stops on
+The minutes form is for a fixed time budget (a GPU for an hour, a laptop's lunch break): the run stops on
 `train.max_minutes` and its learning rate has still warmed up and annealed over exactly that time, which a
 step-based schedule can only do if the steps per minute are known beforehand."""
 

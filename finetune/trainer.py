@@ -23,7 +23,7 @@ from .data import load_samples
 from .dataset import Collator, InstructionDataset
 from .evaluate import evaluate
 from .schedule import TrainingClock, make_scheduler, out_of_time
-from .setup import parameter_groups, prepare_model
+from .model_setup import parameter_groups, prepare_model
 from .state import (atomic_directory, latest_checkpoint, optimizer_from_files, optimizer_to_files, prune_checkpoints,
                     rng_from_files, rng_to_files)
 

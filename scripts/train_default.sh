@@ -19,7 +19,7 @@ EXTRA=${EXTRA:-}  # e.g. EXTRA="train.max_steps=2" for a dry run of the whole re
 STAGE0_EXTRA=${STAGE0_EXTRA:-} STAGE1_EXTRA=${STAGE1_EXTRA:-} STAGE2_EXTRA=${STAGE2_EXTRA:-} POLISH_EXTRA=${POLISH_EXTRA:-}
 # The projectors to compare; with one, the comparison runs are skipped and the recorded one is kept.
 PROJECTORS=${PROJECTORS:-mlp2x_gelu qformer}
-# Which stages to run, e.g. STAGES="data clip" then STAGES="align instruct export" (a machine lent in short
+# Which stages to run, e.g. STAGES="data clip" then STAGES="align instruct export" (a machine available in short
 # sessions); each stage reads the previous one's output under $RUNS.
 STAGES=${STAGES:-data clip align instruct export}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -29,7 +29,7 @@ export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALL
 if want data; then
 python -m finetune.scenes --out data/scenes --train ${SCENES:-4000} --test 300 --workers ${WORKERS:-2}
 mkdir -p data/easyvqa
-python -m finetune.easyvqa --out data/easyvqa/train.jsonl --captions data/easyvqa/train_captions.jsonl \
+python -m finetune.easyvqa_conversations --out data/easyvqa/train.jsonl --captions data/easyvqa/train_captions.jsonl \
   --align data/easyvqa/train_align.jsonl
 fi
 

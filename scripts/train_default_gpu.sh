@@ -2,7 +2,7 @@
 # The default-model recipe sized for one CUDA GPU (bf16 autocast, DataLoader workers, larger batches,
 # more scenes); the stages and their YAML files are those of scripts/train_default.sh.
 #   bash scripts/train_default_gpu.sh   (first pass about 10 minutes on one H100; second pass 7 on a shared H200)
-# The shipped model came from this, in two sittings on lent GPUs. First pass on an H100 (data 20 s; stage 0
+# The shipped model came from this, in two sittings on rented GPUs. First pass on an H100 (data 20 s; stage 0
 # 1.5 min, 1,873 steps at batch 256; stage 1 0.5 min, 252 steps; stage 2 1,400 steps at batch 32 at about 51k
 # tokens/s, on the first 24,000 scenes; that run had a 4.2-minute cap, stopped at step 1,038 and was resumed
 # from its checkpoint to 1,400). Second pass on an H200 (POLISH_STEPS=744 at batch 64, the vision tower at

@@ -3,9 +3,8 @@
 Why: PyTorch's CPU kernels fork OpenMP (libgomp) workers, and each thread that runs them gets its own
 team of workers. Once the process holds more OpenMP threads than cores (the main thread's team from
 loading plus a team per request thread), libgomp stops letting idle workers spin, and every one of the
-few hundred parallel regions of a decode step waits for a worker to wake up. Measured on this project's
-2-core machine, 100-token replies: 107 tokens/s with loading and replies on one thread, 37 when the
-replies run on a second thread (README, Performance). The web server's request threads therefore only
+few hundred parallel regions of a decode step waits for a worker to wake up: replies ran about 3x slower
+on a second thread (docs/performance.md). The web server's request threads therefore only
 queue work here and stream the results back.
 """
 

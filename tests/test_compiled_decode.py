@@ -1,4 +1,4 @@
-"""Compiled decode steps (assistant/compiled_decode.py) on a tiny random Llama: the compiled step gives the
+"""Compiled decode steps (assistant/cpu/compiled_decoder.py) on a tiny random Llama: the compiled step gives the
 logits of the same int8 weight-only model run eagerly, hands the session's KV cache back as eager steps
 leave it, serves a two-turn chat through the engine, and steps aside for what it cannot take."""
 
@@ -10,10 +10,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from assistant.cpu import compiled_decoder as compiled_decode, decode_attention
+from assistant.cpu import decode_attention, weight_only
+from assistant.cpu.compiled_decoder import CompiledDecoder
+from assistant.cpu.weight_only import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead, exact_int4_grid,
+                                       int4_grid, rescored_head, weight_only_copy)
 from assistant.model.builder import build_model
-from assistant.cpu.compiled_decoder import (CompiledDecoder, Int4WeightOnlyLinear, Int8WeightOnlyLinear, RescoredLMHead,
-                                       exact_int4_grid, int4_grid, rescored_head, weight_only_copy)
 from assistant.inference.engine import ChatSession, Engine
 from assistant.inference.runtime import Runtime
 from assistant.inference.generation import GenerationConfig
@@ -324,7 +325,7 @@ def test_the_decode_copy_keeps_4_bit_layers_int4_and_their_adapter_where_it_pays
     # the tiny layers are below LORA_SIDE_PATH_MIN_WEIGHTS: adapter merged, int8
     fast = weight_only_copy(model, int4=True)
     assert all(type(x) is Int8WeightOnlyLinear for x in layers(fast)) and close(fast)
-    monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)  # as for large layers
+    monkeypatch.setattr(weight_only, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)  # as for large layers
     fast = weight_only_copy(model, int4=True)
     assert all(type(x) is Int4WeightOnlyLinear and x.lora_a is not None for x in layers(fast)) and close(fast)
     assert fast.model.layers[0].self_attn.qkv_proj.lora_a.shape == (1, 64, 12)  # q, k, v's A stacked, B block-diagonal
@@ -341,7 +342,7 @@ def test_the_decode_copy_keeps_4_bit_layers_int4_and_their_adapter_where_it_pays
 
 
 def test_compiled_int4_steps_with_the_adapter_beside_them_match_the_merged_model(monkeypatch):
-    monkeypatch.setattr(compiled_decode, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(weight_only, "LORA_SIDE_PATH_MIN_WEIGHTS", 0)
     model = grid_llama(adapter_on="all-linear")
     merged = copy.deepcopy(model).merge_and_unload()
     decoder = CompiledDecoder(model, max_length=64, int4=True).start()

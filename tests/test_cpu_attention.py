@@ -1,4 +1,4 @@
-"""The prompts' attention on the CPU (assistant/cpu_attention.py): grouped-query attention with a mask through
+"""The prompts' attention on the CPU (assistant/cpu/attention.py): grouped-query attention with a mask through
 SDPA's own grouping gives what transformers' SDPA attention gives with its copies of the keys and values."""
 
 import copy

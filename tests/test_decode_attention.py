@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from assistant.cpu import decode_attention
-from assistant.cpu.compiled_decoder import grouped_decode_sdpa
+from assistant.cpu.attention import grouped_decode_sdpa
 
 
 @pytest.fixture(scope="module", autouse=True)

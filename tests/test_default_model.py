@@ -1,8 +1,8 @@
 """The shipped default model (--model default): real answers about generated scenes and easy-VQA
 test images, a multi-turn follow-up, and plain chat that survived the visual instruction tuning.
 
-Thresholds sit below what benchmarks/default_model.py measured on the full sets (see the README's
-model card), so a broken model, loader or prompt fails them."""
+Thresholds sit below what benchmarks/default_model.py measured on the full sets (docs/model_card.md),
+so a broken model, loader or prompt fails them."""
 
 import json
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "vlm_config.json").is_file(),
                                  reason="no trained default model in this checkout")]
 SHORT = "\nAnswer the question using a single word or phrase."
-# Measured on the full sets (README's model card): easy-VQA test about 99%; held-out scenes colour
+# Measured on the full sets (docs/model_card.md): easy-VQA test about 99%; held-out scenes colour
 # and shape about 91.5% (with counting, its weakest skills). Chance is about 10-15%.
 MIN_EASY_VQA_ACCURACY = 0.85
 MIN_SCENE_ACCURACY = 0.65

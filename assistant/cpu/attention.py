@@ -17,6 +17,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ..model.vision_language_model import base_llm
 from . import decode_attention
 
 NAME = "cpu_grouped_sdpa"
@@ -67,7 +68,7 @@ def _register(name: str, function) -> None:
 
 def use_cpu_grouped_sdpa(llm) -> None:
     """Switch a CPU LLM that uses SDPA attention to `cpu_grouped_sdpa`, in place (others are left as they are)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_llm(llm)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return

@@ -1,17 +1,15 @@
 """A compile in a background thread, and the replies served meanwhile.
 
-Compiling the decode steps (compiled_decode.py) is half a minute or more of Python in one thread (Dynamo's
+Compiling the decode steps (compiled_decoder.py) is half a minute or more of Python in one thread (Dynamo's
 tracing, inductor's passes). A reply computed meanwhile in another thread needs the GIL back around each of
 the few hundred operator calls of every token, and waits for it each time. Two remedies:
 
 - `short_gil_slices()`: while a compile runs, Python hands the GIL over every 0.1 ms instead of every 5 ms.
 - `replying()` / `yielding_to_replies()`: the engine marks the stretches where a reply computes; a compile
   thread that yields to replies (serve.py's: a person waits on each reply) stops at its next audited event
-  (Python raises them thousands of times a second in that code: `id()`, `compile`, `exec`, `sys._getframe`;
-  measured, 277,520 in a 35-s compile, 99% of the gaps under 1.4 ms, the longest 1.25 s of C++ work) and
-  waits, without the GIL, until no reply computes. Replies asked every 2-3 s while the default model's decode
-  steps compiled on the 2-core AVX2 machine: 2.3-8 s with short slices alone, mostly 0.75-1.0 s with the
-  pauses, 0.5 s with no compile running.
+  (Python raises them thousands of times a second in that code: `id()`, `compile`, `exec`, `sys._getframe`)
+  and waits, without the GIL, until no reply computes. Replies during a compile then take about what they take
+  without one (docs/performance.md).
 
 A compile yields at most PAUSE_ALLOWANCE_S plus PAUSE_SHARE of the time since it started: under replies
 without end it still finishes (in about twice its time), and should a reply ever wait on something the paused
@@ -27,8 +25,6 @@ import time
 
 # While steps compile in the background, the compile's Python hands the GIL to the thread serving replies every
 # 0.1 ms instead of Python's 5 ms: every one of an eager reply's few hundred operator calls waits for it.
-# Measured, a 16-token reply every second during a compile (cached, 32-33 s either way): up to 13.9 s with 5 ms,
-# up to 5.0 s with 0.1 ms, 0.2 s with no compile running.
 COMPILE_SWITCH_INTERVAL = 1e-4
 _switch_lock = threading.Lock()
 _compiles_running = 0

@@ -56,8 +56,8 @@ def guards_on_step_arguments(entries) -> list[bool]:
     """Which of Dynamo's guards a compiled step checks before each call: those on the step's arguments (their
     types, shapes, strides, valid_length's range) and on global state (grad mode...), not the 800 on the decoder's
     own copy of the LLM, its static cache and the globals its code reads, which nothing changes after the
-    compile (each decoder has its own copy of the step's code). Checking them all cost 6% of the decode steps'
-    speed (same-process A/B, default model, 8 rounds: 115.0 tokens/s against 108.6)."""
+    compile (each decoder has its own copy of the step's code). Checking them all cost the decode steps a few
+    percent of their speed."""
     arguments = set(inspect.signature(CompiledDecoder._step).parameters) - {"self"}
     keep = []
     for entry in entries:
@@ -153,7 +153,7 @@ class CompiledDecoder:
             self.error = f"{type(e).__name__}: {e}".strip()[:500]
             warnings.warn(f"compiled decode steps are off, decoding stays eager ({self.error})", RuntimeWarning)
             return
-        logger.info("compiled decode steps ready after %.0f s", self.compile_seconds)
+        logger.debug("compiled decode steps ready after %.0f s", self.compile_seconds)
 
     def _warm_up(self) -> None:
         decode_attention.load()  # the attention kernel: built on first use, SDPA where it cannot be
@@ -182,11 +182,13 @@ class CompiledDecoder:
         # GEMM kernels' packed weights): without the fingerprint in the key, another model of the same shapes
         # (a fine-tune of the default) would decode with the weights of the one compiled first
         tag = f"assistant-decode-{weights_fingerprint(self.llm)}"
-        # cpp_wrapper: the graph's few hundred kernel calls made from C++, not Python (119 vs 110 tokens/s)
-        # cpp.min_chunk_size: the small elementwise kernels (SiLU * up over 1,536 values...) stay on one thread;
-        # waking the other costs more than it saves (A/Bs: 138.6 vs 131.7, 138.9 vs 137.2, 119.3 vs 116.7
-        # after a 398-token prompt); the GEMM templates split their work over the threads regardless
+        # cpp_wrapper: the graph's few hundred kernel calls made from C++, not Python (faster)
+        # cpp.min_chunk_size: the small elementwise kernels (SiLU * up...) stay on one thread; waking the other
+        # costs more than it saves; the GEMM templates split their work over the threads regardless
         options = {"freezing": True, "max_autotune": True, "cpp_wrapper": True, "cpp.min_chunk_size": 8192}
+        # autotuning's tables are printed straight to stderr, in the middle of a server's log: not shown
+        options.update({k: v for k, v in (("autotune_num_choices_displayed", 0),
+                                          ("max_autotune_report_choices_stats", False)) if hasattr(inductor, k)})
         # valid_length symbolic from the first call: left to Dynamo, it is a constant at the first call and the
         # graph compiles twice (a warm compile took 40 s, 24 s without the first graph, never used again)
         compiler = {"cache_key_tag": tag}

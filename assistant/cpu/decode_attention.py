@@ -1,14 +1,12 @@
 """`torch.ops.assistant.decode_attention`: one new token's attention over the filled part of a static KV
-cache, for the compiled decode steps (compiled_decode.py). The kernel is decode_attention.cpp; this file
+cache, for the compiled decode steps (compiled_decoder.py, through attention.py). The kernel is decode_attention.cpp; this file
 builds it on first use (about 10 s, with the C++ compiler torch.compile needs anyway; torch's extension
 builder caches the library and rebuilds when the source or the flags change) and registers its shape
 function so that torch.compile can put it in a graph.
 
-Why a kernel of our own: for one query token PyTorch's CPU SDPA costs 20-30 us a layer at short lengths
-(set-up, not arithmetic: bf16 GEMM packing for 3 x L matrices, 3 heads split unevenly over 2 threads),
-about a seventh of a decode step of the default model. Same-process A/B of the compiled steps (150 steps
-after a 38-token prompt, medians of 6 rounds): 135.9 tokens/s with SDPA, 153.0 with this kernel, 159.1
-with no attention at all; after a 398-token prompt 117.9 and 133.3. Where it cannot be built (no
+Why a kernel of our own: for one query token PyTorch's CPU SDPA spends most of its time on set-up, not
+arithmetic (bf16 GEMM packing for 3 x L matrices, heads split unevenly over the threads), a large share of a
+small model's decode step (docs/performance.md). Where it cannot be built (no
 compiler, no ninja) or does not take the shapes (head dims other than 16 / 32 / 64 / 128, more than 8
 query heads per key/value head), the decode steps use SDPA as before.
 """

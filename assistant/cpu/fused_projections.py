@@ -1,9 +1,8 @@
 """Llama-architecture attention and MLP blocks with their parallel projections as one linear layer each:
 query/key/value as `qkv_proj`, gate/up as `gate_up_proj`. One matrix product instead of three (or two) on
 the same input: each product costs a call, a parallel region and, on the CPU's int8/bf16 paths, a conversion
-of its input, besides its bytes. Used by the compiled decode steps (compiled_decode.py: 124 vs 119
-tokens/s with both fusions) and by the CPU's int8 prompt model (quantization.py: batch VQA at batch 16
-+8.7%, at batch 1 with eager steps +11.8%, in a same-process A/B, the same 48 answers).
+of its input, besides its bytes. Used by the compiled decode steps (weight_only.py) and by the int8 layers
+(int8.py); both measured faster with the fusions (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, a
 class FusedQKVLlamaAttention(LlamaAttention):
     """LlamaAttention with the query, key and value projections as one linear layer `qkv_proj`: one GEMM
     per step instead of three (each GEMM call costs a parallel region and a wrapper call as well as its
-    bytes; measured with the gate/up fusion below: 124 vs 119 tokens/s)."""
+    bytes)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)  # its name before transformers 5.24

@@ -54,7 +54,9 @@ def resolve_quantize(mode: str | None) -> str | None:
 
 def fast_path_covers(llm) -> bool:
     """Whether the CPU fast path takes this LLM's architecture (FAST_PATH_MODEL_TYPES)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    from ..model.vision_language_model import base_llm
+
+    base = base_llm(llm)
     return getattr(base.config, "model_type", None) in FAST_PATH_MODEL_TYPES
 
 

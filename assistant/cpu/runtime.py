@@ -9,6 +9,7 @@ import warnings
 from peft import PeftModel
 
 from ..inference.runtime import Runtime
+from ..model.vision_language_model import base_llm
 from .attention import use_cpu_grouped_sdpa
 from .compiled_decoder import CompiledDecoder
 from .int8 import calibrate_and_quantize_int8
@@ -27,7 +28,7 @@ def prepare(model, processor, mode: str | None, *, compile_decode: bool | str = 
     batch size for batch VQA); "deferred": make the decoder and let the caller start it."""
     runtime = Runtime(quantized=mode if mode in BITSANDBYTES else None)
     if mode in AFTER_LOADING and not fast_path_covers(model.llm):
-        base = model.llm.get_base_model() if isinstance(model.llm, PeftModel) else model.llm
+        base = base_llm(model.llm)
         note = (f"the CPU fast path (int8, compiled decode steps) covers Llama-architecture LLMs only; "
                 f"{type(base).__name__} runs in full precision")
         log.warning("--model %s: %s", spec, note)

@@ -16,12 +16,11 @@ decode step then feeds one token per unfinished row, appended to the same sequen
 prefix, its question and its own earlier tokens. Rows that have finished are no longer computed (one-word
 VQA answers: after the first step, only the few rows whose answer is longer).
 
-Measured on the default model, 48 easy-VQA questions at batch 16 (same process, same 48 answers): 12-14% more
-items/s than left-padded rows, whose 16 x 27 question tokens held 11% padding and whose shared prefixes were
-copied into each row's cache, and whose steps fed every row until the last one ended.
+Faster than left-padded rows, which compute padding, copy each shared prefix into each row's cache, and feed
+every row until the last one ends (docs/performance.md).
 
-CPU only (`supports_packing`: cpu_attention.py's attention, which takes the `packed_layout`); elsewhere the
-engine pads. Compiled batch decode steps (compiled_decode.py) take left-padded rows: the packed prompt's keys
+CPU only (`supports_packing`: cpu/attention.py's attention, which takes the `packed_layout`); elsewhere the
+engine pads. Compiled batch decode steps (cpu/compiled_decoder.py) take left-padded rows: the packed prompt's keys
 and values are gathered into them (`AttentionLayout.padded_cache`).
 """
 
@@ -34,10 +33,11 @@ from .generation import GenerationConfig, cache_kwarg, decode_steps, padded_feed
 
 
 def supports_packing(llm) -> bool:
-    """Packing needs cpu_attention.py's attention, which computes the prompt's attention row by row."""
+    """Packing needs cpu/attention.py's attention, which computes the prompt's attention row by row."""
     from ..cpu.attention import NAME
+    from ..model.vision_language_model import base_llm
 
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_llm(llm)
     return getattr(base.config, "_attn_implementation", None) == NAME
 
 
@@ -118,7 +118,7 @@ class AttentionLayout:
     prefix as a row of its own, each question as a row whose keys are [its prefix | itself], both
     left-padded. Attending to the whole packed sequence under its mask grows with the square of the batch's
     tokens (a batch of 16: 525 x 525 a head, 3x the time of everything padded); gathering the rows costs
-    little. Used by cpu_attention.py when the LLM is called with `packed_layout=`."""
+    little. Used by cpu/attention.py when the LLM is called with `packed_layout=`."""
 
     def __init__(self, packed: PackedBatch):
         prefix_spans = [list(range(start, start + length)) for start, length in packed.prefixes]

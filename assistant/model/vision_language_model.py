@@ -18,6 +18,11 @@ from .config import ModelConfig
 from .vision import VisionTower
 
 
+def base_llm(llm: nn.Module) -> nn.Module:
+    """The LLM itself, under a peft adapter's wrapper if it has one."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 class ImagePlaceholderError(ValueError):
     """The number of image positions in the text does not match the images given."""
 
@@ -107,7 +112,7 @@ class VisionLanguageModel(nn.Module):
         Only assistant replies are labelled (about a tenth of the positions), and the LM head is a
         fifth of a small LLM's compute: skipping it elsewhere makes training steps markedly faster.
         The loss equals the LLM's own (mean cross-entropy over labelled tokens)."""
-        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        llm = base_llm(self.llm)
         hidden = llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

