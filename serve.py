@@ -109,15 +109,16 @@ def main(argv=None) -> int:
     if not model.config.trained:
         print(f"note: {model.config.description}", file=sys.stderr)
     app, demo = build_app(engine, args)
-    # only now: compiling beside building the app made the server take 60 s to come up instead of 14
-    compile_decode_steps(engine.runtime.decoder)
     if args.share:
+        compile_decode_steps(engine.runtime.decoder)
         demo.launch(server_name=args.host, server_port=args.port, share=True,
                     auth=tuple(args.auth.split(":", 1)) if args.auth else None)
         return 0
     import uvicorn
 
     print(f"chat UI: http://{args.host}:{args.port}/   OpenAI API: http://{args.host}:{args.port}/v1", flush=True)
+    # only now: compiling beside building the app made the server take 60 s to come up instead of 14
+    compile_decode_steps(engine.runtime.decoder)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
