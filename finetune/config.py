@@ -63,7 +63,9 @@ class TrainSettings:
     # so a run bounded by a time budget still anneals to zero (finetune/schedule.py)
     schedule: str = "steps"
     num_threads: int = 0  # torch threads on CPU; 0: leave torch's default
-    mixed_precision: str = "auto"  # "auto" (bf16 on a CUDA GPU, fp32 on CPU) | "no" | "bf16" | "fp16"
+    # "auto": bf16 autocast where bf16 is fast (a CUDA GPU with it, a CPU with AMX or AVX-512 BF16), fp32 elsewhere
+    # (assistant/cpu/policy.py); "no" | "bf16" | "fp16" as accelerate takes them
+    mixed_precision: str = "auto"
 
 
 @dataclass
@@ -91,6 +93,9 @@ class TrainConfig:
                 raise ValueError(f"config: {key} must be one of {allowed}, not {getattr(self, key)!r}")
         if not self.data.train:
             raise ValueError("config: data.train is required (or --data FILE)")
+        if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"config: train.mixed_precision must be auto, no, bf16 or fp16, not "
+                             f"{self.train.mixed_precision!r}")
         if self.train.schedule not in ("steps", "minutes"):
             raise ValueError(f"config: train.schedule must be 'steps' or 'minutes', not {self.train.schedule!r}")
         if self.train.schedule == "minutes" and not self.train.max_minutes:
@@ -103,20 +108,62 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls, data: dict, where: str, prefix: str = ""):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        names = ", ".join(prefix + k for k in sorted(unknown))
+        raise ValueError(f"{where}: unknown key(s) {names}; known here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         sub = {"lora": LoraSettings, "data": DataConfig, "train": TrainSettings}.get(name) if cls is TrainConfig else None
         if sub is not None:
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: {name} must be a mapping")
-            value = _build(sub, value, f"{where}: {name}")
+                raise ValueError(f"{where}: {name} must be a mapping, not {value!r}")
+            value = _build(sub, value, where, f"{prefix}{name}.")
+        else:
+            value = coerce(value, known[name].type, f"{where}: {prefix}{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def coerce(value, annotation: str, where: str):
+    """`value` as the field's declared type (`float`, `int | None`, `str | list`...): YAML reads `1e-4` as a string
+    and `100.0` as a float; both become what the field holds. Anything else is an error naming key, value and type."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"{where} = null, but it must be {_describe(kinds)}")
+    for kind in kinds:
+        if kind == "float" and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    continue
+        if kind == "int" and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "str" and isinstance(value, bool):  # YAML 1.1 reads no / yes / off / on as booleans
+            return "yes" if value else "no"
+        if kind == "str" and isinstance(value, (str, int, float)):
+            return str(value)
+        if kind in ("list", "dict") and isinstance(value, {"list": list, "dict": dict}[kind]):
+            return value
+    raise ValueError(f"{where} = {value!r}, but it must be {_describe(kinds)}")
+
+
+def _describe(kinds) -> str:
+    names = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "a string",
+             "list": "a list", "dict": "a mapping", "None": "null"}
+    return " or ".join(names.get(k, k) for k in kinds)
 
 
 def set_key(data: dict, dotted: str, value) -> None:

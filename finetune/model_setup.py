@@ -6,6 +6,7 @@ import torch
 
 from assistant.model.builder import build_model
 from assistant.model.config import ModelConfig
+from assistant.cpu.policy import training_precision
 from assistant.weights.loading import load_model
 
 from .config import TrainConfig
@@ -25,9 +26,21 @@ def prepare_model(cfg: TrainConfig):
     model.vision_tower.requires_grad_(cfg.vision == "full")
     model.projector.requires_grad_(cfg.projector == "full")
     model.llm = prepare_llm(model.llm, cfg)
+    if training_precision(cfg.train.mixed_precision) == "bf16" and not cfg.train.quantize:
+        frozen_weights_in_bf16(model.llm)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def frozen_weights_in_bf16(llm) -> None:
+    """Under bf16 autocast every product converts its fp32 weight to bf16, at every step; the LLM's weights that do
+    not train are stored in bf16 once instead (what autocast would make of them), so only the trained ones stay
+    fp32 (their optimizer needs the precision). Not the vision tower's or the projector's: a checkpoint saves
+    those whether they train or not."""
+    for parameter in llm.parameters():
+        if not parameter.requires_grad and parameter.dtype == torch.float32:
+            parameter.data = parameter.data.to(torch.bfloat16)
 
 
 def prepare_llm(llm, cfg: TrainConfig):
@@ -35,6 +48,11 @@ def prepare_llm(llm, cfg: TrainConfig):
 
     if cfg.llm == "lora":
         if isinstance(llm, PeftModel):  # continue training the adapter the checkpoint already has
+            own = llm.peft_config[llm.active_adapter]
+            if (cfg.lora.r, cfg.lora.alpha) != (own.r, own.lora_alpha):
+                print(f"note: continuing the model's own LoRA adapter (r={own.r}, alpha={own.lora_alpha}); the "
+                      f"recipe's lora.r={cfg.lora.r}, lora.alpha={cfg.lora.alpha} apply to new adapters only")
+            cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = own.r, own.lora_alpha, own.lora_dropout  # what runs
             for name, p in llm.named_parameters():
                 p.requires_grad_("lora_" in name)
             return llm

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from assistant.weights.checkpoint import load_checkpoint, save_checkpoint
-from assistant.cpu.policy import has_accelerator
+from assistant.cpu.policy import has_accelerator, training_precision
 
 from .config import TrainConfig
 from .curves import plot_curves
@@ -78,14 +78,6 @@ def micro_batches(n_samples: int, batch_size: int, world: int, rank: int, seed: 
     return [order[k:k + per_step][rank * batch_size:(rank + 1) * batch_size] for k in range(0, n_samples, per_step)]
 
 
-def mixed_precision(setting: str) -> str:
-    """"auto": bf16 autocast on a CUDA GPU that has it, fp32 elsewhere (bf16 matmuls are 10-40x slower
-    than fp32 on CPUs without AMX); "no" | "bf16" | "fp16" as accelerate takes them."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def epoch_batches(dataset, collate, index_lists: list[list[int]], num_workers: int):
     """Collated micro-batches in the given order; with workers, read and preprocessed ahead of the GPU."""
     if num_workers <= 0:
@@ -101,7 +93,7 @@ def make_accelerator(t) -> Accelerator:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norms, loss) on tensor cores
     return Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not has_accelerator(),
-                       mixed_precision=mixed_precision(t.mixed_precision))
+                       mixed_precision=training_precision(t.mixed_precision))
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -132,25 +124,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if len(train_set) == 0:
         raise SystemExit("no training samples left")
     per_epoch = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
-    total_steps = t.max_steps or max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+    by_time = t.schedule == "minutes" and not t.max_steps  # the time budget ends the run, not the epochs
+    total_steps = t.max_steps or (UNBOUNDED if by_time else max(1, math.ceil(per_epoch * t.epochs / t.grad_accum)))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=t.weight_decay)
     clock = TrainingClock()
     scheduler = make_scheduler(optimizer, t, total_steps, clock)
     step, micro_step = 0, 0
+    until = (f"until {t.max_minutes:g} minutes of training" if by_time else
+             f"until {t.max_minutes:g} minutes of training or step {total_steps}, whichever comes first"
+             if t.max_minutes else f"for {total_steps} steps")
     if checkpoint is not None:
         step, micro_step = _restore(checkpoint, model, optimizer, scheduler, accelerator.process_index, clock)
-        log(f"resumed at step {step}/{total_steps} from {checkpoint}")
+        if is_main:
+            _cut_log(log_file, step)  # the steps after the checkpoint are trained again: their rows go
+        log(f"resumed at step {step} from {checkpoint}; training {until}")
     elif is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log(f"training {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} parameters on "
-            f"{len(train_set)} samples for {total_steps} steps ({accelerator.num_processes} process(es))")
+            f"{len(train_set)} samples {until} ({accelerator.num_processes} process(es), "
+            f"{precision_name(t.mixed_precision)})")
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(processor)
     model.train()
     window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
     skipped = {"skipped_too_long": 0, "skipped_bad_image": 0, "turns_truncated": 0, "last_error": None}
     batch_iter, iter_epoch = None, None
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="training", dynamic_ncols=True)
+    progress = training_progress(t, total_steps, step, clock, disable=not is_main)
     while step < total_steps:
         epoch, index_in_epoch = divmod(micro_step, per_epoch)
         if iter_epoch != epoch:  # a new epoch (or a resume part-way into one): its order from here on
@@ -189,17 +188,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if not accelerator.sync_gradients:
             continue
         step += 1
-        progress.update(1)
-        if step % t.log_every == 0 or step == total_steps:
+        progress.update(clock.seconds() - progress.n if t.max_minutes else 1)
+        stop = out_of_time(t, clock)
+        if step % t.log_every == 0 or step == total_steps or stop:  # the last step is always logged
             elapsed = time.time() - window_start
             entry = {"step": step, "loss": window_loss / max(window_n, 1), "lr": scheduler.get_last_lr()[0],
                      "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
                      "epoch": micro_step / per_epoch, "elapsed_s": clock.seconds(),
                      **{k: v for k, v in skipped.items() if isinstance(v, int)}}
             record(entry)
-            progress.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
+            progress.set_postfix(step=step, loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.time()
-        stop = out_of_time(t, clock)
         if eval_set is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps or stop):
             if is_main:
                 try:
@@ -229,6 +228,38 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log(f"model written to {out} (serve it with: python serve.py --model {out})")
     accelerator.wait_for_everyone()
     return out
+
+
+UNBOUNDED = 10**12  # steps of a run that only its time budget ends
+
+
+def precision_name(setting: str) -> str:
+    precision = training_precision(setting)
+    return "fp32" if precision == "no" else precision
+
+
+def training_progress(t, total_steps: int, step: int, clock: TrainingClock, disable: bool) -> tqdm:
+    """A progress bar in steps, or, under a time budget (train.max_minutes), in minutes used and left: the steps
+    an epoch count implies say nothing about when such a run ends."""
+    if t.max_minutes:
+        return tqdm(total=t.max_minutes * 60, initial=clock.seconds(), disable=disable, desc="training",
+                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the "
+                    "time budget [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=total_steps, initial=step, disable=disable, desc="training", dynamic_ncols=True)
+
+
+def _cut_log(log_file: Path, step: int) -> None:
+    """Drop the log rows of steps after `step` (written before a crash, about to be trained again)."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a row cut off by the kill
+            continue
+    log_file.write_text("".join(line + "\n" for line in kept))
 
 
 def _save(accelerator, model, processor, optimizer, scheduler, out: Path, step: int, micro_step: int, cfg,

@@ -176,6 +176,19 @@ def test_stage_trains_and_output_is_a_model_spec(tiny_llm_dir, tmp_path, scenes,
     assert model.config.trained
 
 
+def test_bf16_training_keeps_what_it_saves_in_fp32(tiny_llm_dir, tmp_path, scenes):
+    """train.mixed_precision=bf16 (what auto picks on CPUs with fast bf16): the frozen LLM weights are held in bf16,
+    but the checkpoint's vision tower, projector and adapter stay fp32, and the loss is finite."""
+    recipe = tiny_recipe(tmp_path, tiny_llm_dir, scenes, "instruct", mixed_precision="bf16", max_steps=3)
+    run_finetune("--config", recipe)
+    out = tmp_path / "out"
+    for name in ("vision_tower.safetensors", "projector.safetensors", "adapter/adapter_model.safetensors"):
+        assert {t.dtype for t in load_file(str(out / name)).values()} == {torch.float32}, name
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(0 < loss < 100 for loss in losses)
+
+
 def test_clip_stage_produces_a_vision_tower(tiny_llm_dir, tmp_path, scenes):
     cfg = {"stage": "clip", "data": {"train": str(scenes / "train_captions.jsonl"),
                                      "image_root": str(scenes / "images"), "num_workers": 2},
@@ -197,10 +210,50 @@ def test_clip_stage_produces_a_vision_tower(tiny_llm_dir, tmp_path, scenes):
     assert isinstance(config, ModelConfig)
 
 
+def test_the_custom_recipe_trains_a_model_for_its_time_budget(tiny_llm_dir, tmp_path, scenes):
+    """configs/train/custom.yaml as the README uses it, from a tiny model, for a few seconds: the budget (not an
+    epoch count) ends the run, the start line says so, the last step is logged, the result is a model spec."""
+    from assistant.weights.checkpoint import save_checkpoint
+    from assistant.weights.loading import load_model
+
+    model, processor = build_model(tiny_config(tiny_llm_dir))
+    save_checkpoint(model, processor, tmp_path / "start")
+    proc = run_finetune("--config", ROOT / "configs/train/custom.yaml", "--data", scenes / "train.jsonl",
+                        "--image-root", scenes / "images", "--output-dir", tmp_path / "out", f"init={tmp_path / 'start'}",
+                        "train.max_minutes=0.1", "data.max_length=400", "train.log_every=1000")
+    assert "until 0.1 minutes of training" in proc.stdout + proc.stderr
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in log if "loss" in e]
+    assert len(steps) == 1 and steps[0] > 1  # logged once, at the last step, though log_every was never reached
+    assert any("eval_loss" in e for e in log)
+    config = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert config["train"]["lr"] == 2e-4 and config["train"]["schedule"] == "minutes"
+    load_model(str(tmp_path / "out"))
+
+
+def test_config_values_are_typed_by_the_recipe_fields(tmp_path):
+    """YAML reads 1e-4 as a string: it is still a number for train.lr; a wrong type or an unknown key names the
+    key, the value and what was expected, before any model loads."""
+    from finetune.config import load_config
+
+    (tmp_path / "r.yaml").write_text("train:\n  lr: 1e-4\n  max_steps: 10.0\n")
+    cfg = load_config(str(tmp_path / "r.yaml"), ["data.train=x.jsonl", "train.projector_lr=3e-4", "lora.r=8"])
+    assert cfg.train.lr == 1e-4 and cfg.train.projector_lr == 3e-4 and cfg.train.max_steps == 10 and cfg.lora.r == 8
+    assert isinstance(cfg.train.max_steps, int)
+    assert load_config(None, ["data.train=x", "train.mixed_precision=no"]).train.mixed_precision == "no"  # not False
+    with pytest.raises(ValueError, match=r"train.lr = 'fast', but it must be a number"):
+        load_config(str(tmp_path / "r.yaml"), ["train.lr=fast"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) train.learning_rate"):
+        load_config(None, ["train.learning_rate=1e-4"])
+    proc = run_finetune("--config", tmp_path / "r.yaml", "--data", "x.jsonl", "train.batch_size=four", check=False)
+    assert proc.returncode != 0 and "train.batch_size = 'four', but it must be a whole number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_config_is_a_clear_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("stage: instruct\ntrain: {lr: 1e-4, bogus: 1}\ndata: {train: x.jsonl}\n")
     proc = run_finetune("--config", tmp_path / "bad.yaml", check=False)
-    assert proc.returncode == 2 and "unknown key(s) ['bogus']" in proc.stderr
+    assert proc.returncode == 2 and "unknown key(s) train.bogus" in proc.stderr
     proc = run_finetune("--config", tmp_path / "missing.yaml", check=False)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
@@ -233,6 +286,10 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_llm_dir, tmp_path, scen
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+    # the log holds each step once (the rows written after the checkpoint the kill returned to are gone)
+    logged = [json.loads(line)["step"] for line in (killed / "out" / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert logged == sorted(set(logged)) and logged[-1] == 40
 
 
 def test_a_run_bounded_by_minutes_anneals_to_zero(tiny_llm_dir, tmp_path, scenes):

@@ -86,6 +86,17 @@ def bf16_timing_says_fast(size: int = 768, rows: int = 64, trials: int = 5) -> b
     return best[torch.bfloat16] * 1.5 < best[torch.float32]
 
 
+def training_precision(setting: str = "auto") -> str:
+    """Training's mixed precision as accelerate takes it: "auto" is bf16 autocast on a CUDA GPU that has bf16 and on
+    a CPU that multiplies bf16 fast (on others bf16 products are many times slower than fp32), fp32 ("no")
+    elsewhere; any other setting as given."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "no" if has_accelerator() or not bf16_matmul_is_fast() else "bf16"
+
+
 def compiled_steps_run_fast() -> bool:
     """Whether to compile decode steps on this CPU: where they beat the eager int8 steps, x86 with AVX-512 or AVX2
     (the int8 weights are what a step reads, through inductor's micro-GEMMs), elsewhere only with fast bf16."""

@@ -13,6 +13,7 @@ No pickle is ever read and no remote code is ever run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,6 +83,11 @@ def _write(model, processor, out: Path, save_llm: bool) -> None:
     llm = model.llm
     if isinstance(llm, PeftModel):
         llm.save_pretrained(out / "adapter", safe_serialization=True)
+        # the base model as the spec names it ("smollm2-135m-instruct", a hub id), not this machine's cache path
+        adapter_config = out / "adapter" / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text())
+        settings["base_model_name_or_path"] = model.config.llm
+        adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
         llm = llm.get_base_model()
     if save_llm:
         llm.save_pretrained(out / "llm", safe_serialization=True)
