@@ -328,7 +328,7 @@ def test_two_processes_with_accelerate_launch(tiny_llm_dir, tmp_path, scenes, sc
                            "--mixed_precision", "no", "-m", "finetune", "--config", str(recipe)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "(2 process(es))" in proc.stdout + proc.stderr
+    assert "(2 process(es), " in proc.stdout + proc.stderr
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
     assert (tmp_path / "out" / "checkpoints" / "step-0000003" / "rng-1.safetensors").is_file()
