@@ -1,6 +1,6 @@
 """What the command-line entry points show: their own lines, and third-party chatter only with --verbose.
 
-Called first thing by serve.py, the VQA command and the trainer, before torch, transformers, peft or bitsandbytes
+Called first thing by serve.py and the VQA command, before torch, transformers, peft or bitsandbytes
 are imported (bitsandbytes warns about optional CPU kernels while it is imported)."""
 
 from __future__ import annotations

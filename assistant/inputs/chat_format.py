@@ -142,12 +142,9 @@ class ChatFormatter:
         self.special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.special_ids |= set(tokenizer.all_special_ids) | {self.image_token_id}
 
-    def count_images(self, messages) -> int:
-        return sum(p["type"] == "image" for m in normalise_messages(messages) for p in m["content"])
-
     def render(self, messages, *, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int, str]]]:
-        """The template's text for `messages`, and where people's text lies in it: (start, end, role)."""
-        messages = normalise_messages(messages)
+        """The template's text for `messages` (normalised: normalise_messages), and where people's text lies in
+        it: (start, end, role)."""
         texts: list[tuple[str, str]] = []  # (text, role), by sentinel number
         with_sentinels, with_texts = [], []
         for m in messages:
@@ -189,10 +186,11 @@ class ChatFormatter:
                                                   add_generation_prompt=add_generation_prompt)
 
     def encode(self, messages, *, add_generation_prompt: bool, with_labels: bool = False) -> EncodedConversation:
-        num_images = self.count_images(messages)
+        messages = normalise_messages(messages)
+        num_images = sum(p["type"] == "image" for m in messages for p in m["content"])
         rendered, spans = self.render(messages, add_generation_prompt=add_generation_prompt)
         ids, offsets = self._tokenize(rendered, spans)
-        placed = sum(1 for i, (s, e) in zip(ids, offsets) if i == self.image_token_id)
+        placed = ids.count(self.image_token_id)
         if self.image_layout == "inline" and placed != num_images:
             raise ConversationError(f"the chat template placed {placed} image placeholder(s) for {num_images} "
                                     "image(s); it does not render typed image parts")

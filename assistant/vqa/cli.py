@@ -123,11 +123,11 @@ def prompt_problem(processor, items, image_root, prompt_suffix: str) -> str | No
     """Why the model cannot take the first well-formed item's prompt (its chat template, say), if it cannot: an
     error that would hit every item is said once, before the run."""
     from ..inputs.chat_format import ConversationError
-    from .runner import _prepare
+    from .runner import prepare_item
 
     for item in items:
         try:
-            messages, images = _prepare(item, image_root, prompt_suffix)
+            messages, images = prepare_item(item, image_root, prompt_suffix)
         except (OSError, ValueError):
             continue  # a bad item: the run writes its error row
         try:

@@ -47,7 +47,7 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
             ready, records = [], {}
             for it in batch:
                 try:
-                    ready.append((it, _prepare(it, image_root, prompt_suffix)))
+                    ready.append((it, prepare_item(it, image_root, prompt_suffix)))
                 except (ImageError, PathEscapeError, ValueError) as e:
                     records[id(it)] = {"question_id": it["question_id"], "error": str(e)}
             for it, answer in _answer(engine, ready, config):
@@ -74,17 +74,13 @@ def _answer(engine: Engine, ready, config):
     try:
         answers = engine.answer_batch([r[1][0] for r in ready], [r[1][1] for r in ready], config)
         return [(it, a) for (it, _), a in zip(ready, answers)]
-    except ValueError:
+    except ValueError as e:
         if len(ready) == 1:
-            messages, images = ready[0][1]
-            try:
-                return [(ready[0][0], engine.answer_batch([messages], [images], config)[0])]
-            except ValueError as e:
-                return [(ready[0][0], e)]
+            return [(ready[0][0], e)]
         return [pair for r in ready for pair in _answer(engine, [r], config)]
 
 
-def _prepare(item: dict, image_root, prompt_suffix: str):
+def prepare_item(item: dict, image_root, prompt_suffix: str):
     question = (item.get("question") or "").strip()
     if not question:
         raise ValueError("empty question")

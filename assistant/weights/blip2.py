@@ -8,7 +8,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration
 
 from ..model.config import ModelConfig, ProjectorConfig, VisionConfig
-from .llava import _hf_processor
+from .llava import checkpoint_processor
 from .llm import language_model_of
 from ..model.vision_language_model import VisionLanguageModel
 from ..inputs.processor import VLMProcessor
@@ -55,7 +55,7 @@ def load_blip2(source: str):
     if bc.image_token_index is None:
         raise ValueError(f"{source}: this BLIP-2 checkpoint predates image tokens (no image_token_index in its "
                          "config); use a checkpoint saved by transformers 4.47 or later")
-    hf_processor = _hf_processor(source)
+    hf_processor = checkpoint_processor(source)
     config = blip2_config(bc, source)
     config.image_token = hf_processor.tokenizer.convert_ids_to_tokens(bc.image_token_index)
     tower = VisionTower(blip2.vision_model, feature_layer=None, drop_cls=False)

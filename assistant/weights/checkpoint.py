@@ -28,7 +28,6 @@ from ..model.config import CONFIG_NAME, ModelConfig
 from .llm import PICKLE_SUFFIXES, load_llm, refuse_pickle_only
 
 
-
 def is_checkpoint(path) -> bool:
     return Path(path, CONFIG_NAME).is_file()
 

@@ -106,7 +106,7 @@ def load_llava(source: str):
         raise ValueError(f"{source}: vision tower {lc.vision_config.model_type!r} is not supported (CLIP or SigLIP)")
     if lc.vision_feature_select_strategy not in ("default", "full"):
         raise ValueError(f"{source}: unknown vision_feature_select_strategy {lc.vision_feature_select_strategy!r}")
-    hf_processor = _hf_processor(source)
+    hf_processor = checkpoint_processor(source)
     config = ModelConfig(
         vision=VisionConfig(model_type=vision_type, config=_config_dict(lc.vision_config),
                             feature_layer=lc.vision_feature_layer,
@@ -124,7 +124,7 @@ def load_llava(source: str):
     return model, processor
 
 
-def _hf_processor(source):
+def checkpoint_processor(source):
     """The checkpoint's own processor (image processor, tokenizer, chat template from wherever it is kept:
     chat_template.jinja, chat_template.json, processor or tokenizer config)."""
     try:
