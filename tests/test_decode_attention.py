@@ -137,3 +137,17 @@ def test_the_pip_ninja_is_found_without_an_activated_environment(monkeypatch):
     assert shutil.which("ninja") is None
     decode_attention._put_ninja_on_path()  # as load() does before building
     assert shutil.which("ninja") is not None and ninja.BIN_DIR in shutil.which("ninja")
+
+
+def test_a_lock_that_goes_stale_while_waiting_is_cleared(tmp_path, monkeypatch):
+    """A build killed just before another process arrived: its lock is fresh at first, then stale; the waiting
+    process clears it rather than wait forever in torch's builder."""
+    import time
+
+    monkeypatch.setattr(decode_attention, "STALE_LOCK_SECONDS", 1.5)
+    lock = tmp_path / "lock"
+    lock.touch()
+    started = time.time()
+    decode_attention.wait_for_other_build(lock)
+    assert not lock.exists() and 1.5 <= time.time() - started < 10
+    decode_attention.wait_for_other_build(lock)  # no lock: returns at once

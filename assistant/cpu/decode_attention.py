@@ -55,9 +55,11 @@ def load() -> bool:
                 _put_ninja_on_path()
                 isa, flags = _isa_flags()
                 name = f"assistant_decode_attention_{isa}"
+                directory = build_directory(name)
+                wait_for_other_build(directory / "lock")
                 # -ffast-math: exp vectorised (glibc's libmvec); the kernel uses no infinities or NaNs
                 # -fopenmp: at::parallel_for runs on PyTorch's OpenMP threads (already loaded, so shared)
-                cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_directory(name)),
+                cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
                                    extra_cflags=["-O3", "-ffast-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                                    is_python_module=False, verbose=False)
                 torch.library.register_fake("assistant::decode_attention")(_shape)
@@ -92,6 +94,20 @@ def build_directory(name: str) -> Path:
         if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
             lock.unlink()
     return directory
+
+
+def wait_for_other_build(lock: Path) -> None:
+    """Wait while another process builds (its `lock`), removing the lock once it is older than STALE_LOCK_SECONDS:
+    a lock that went stale while we waited (its builder was killed) would otherwise keep torch's builder waiting
+    forever, as one found stale on arrival would (build_directory)."""
+    while True:
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+                lock.unlink(missing_ok=True)
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(1)
 
 
 def _shape(query, key, value, valid_length, scale):
