@@ -17,6 +17,14 @@ class DataConfig:
     eval_fraction: float = 0.0
     eval_max_samples: int = 200
     extra: list = field(default_factory=list)  # more files to mix in: [{path, image_root, repeat}]
+    # Keep what the starting model knew (finetune/replay.py): "default" (the default model's own data) or a file of
+    # the starting model's kind of data, mixed in at replay_share of the training samples; none: off.
+    replay: str | None = None
+    replay_image_root: str | None = None
+    replay_share: float = 0.2
+    # The starting model's skills before and after training (finetune/skills.py), from the replay data's held-out
+    # part, or the default model's when it is the starting model.
+    skill_check: bool = True
     max_length: int = 1024
     skip_invalid: bool = False
     num_workers: int = 0  # DataLoader processes that read and preprocess ahead (worth it on a GPU)
@@ -96,6 +104,12 @@ class TrainConfig:
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"config: train.mixed_precision must be auto, no, bf16 or fp16, not "
                              f"{self.train.mixed_precision!r}")
+        if not 0 <= self.data.replay_share < 1:
+            raise ValueError(f"config: data.replay_share is the share of replayed samples, from 0 to below 1, not "
+                             f"{self.data.replay_share}")
+        replay = self.data.replay
+        if replay not in (None, "", "none", "no", "null", "default") and not Path(replay).is_file():
+            raise ValueError(f"config: data.replay = {replay!r}: no such file (give 'default', a data file or none)")
         if self.train.schedule not in ("steps", "minutes"):
             raise ValueError(f"config: train.schedule must be 'steps' or 'minutes', not {self.train.schedule!r}")
         if self.train.schedule == "minutes" and not self.train.max_minutes:

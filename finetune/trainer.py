@@ -24,6 +24,8 @@ from .dataset import Collator, InstructionDataset
 from .evaluate import evaluate
 from .schedule import TrainingClock, make_scheduler, out_of_time
 from .model_setup import parameter_groups, prepare_model
+from .replay import ReplayData, default_replay, load_replay, mix, wanted
+from .skills import check_skills, load_before, report, save_skills
 from .state import (atomic_directory, latest_checkpoint, optimizer_from_files, optimizer_to_files, prune_checkpoints,
                     rng_from_files, rng_to_files)
 
@@ -34,8 +36,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: TrainConfig, processor, log):
-    """Train / eval datasets; invalid samples stop the run unless skip_invalid (ids listed in the output)."""
+def load_data(cfg: TrainConfig, processor, log, replay: ReplayData | None = None):
+    """Train / eval datasets; invalid samples stop the run unless skip_invalid (ids listed in the output).
+    Replay samples join the training set after the held-out part is taken, so evaluation stays on your data."""
     samples, errors = load_samples(cfg.data.train)
     roots = [cfg.data.image_root] * len(samples)
     for path, image_root, repeat in cfg.data.extra_sources():
@@ -65,6 +68,10 @@ def load_data(cfg: TrainConfig, processor, log):
         samples = [s for i, s in enumerate(samples) if i not in held]
         roots = [r for i, r in enumerate(roots) if i not in held]
     eval_samples, eval_roots = eval_samples[:cfg.data.eval_max_samples], eval_roots[:cfg.data.eval_max_samples]
+    if replay is not None and replay.samples:
+        samples, roots, n_replay = mix(samples, roots, replay, cfg.data.replay_share, cfg.train.seed)
+        log(f"replay: {n_replay} samples of {replay.name} data mixed in ({cfg.data.replay_share:.0%} of "
+            f"{len(samples)})")
     train = InstructionDataset(samples, roots, processor, cfg.data.max_length)
     evaluation = InstructionDataset(eval_samples, eval_roots, processor, cfg.data.max_length) if eval_samples else None
     return train, evaluation, errors
@@ -120,7 +127,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if checkpoint is not None and not resume:
         log(f"found {checkpoint}: resuming from it (a checkpoint in the output dir always resumes)")
     model, processor = prepare_model(cfg)
-    train_set, eval_set, _ = load_data(cfg, processor, log)
+    replay = starting_skills_data(cfg, log)
+    train_set, eval_set, _ = load_data(cfg, processor, log, replay)
     if len(train_set) == 0:
         raise SystemExit("no training samples left")
     per_epoch = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
@@ -143,6 +151,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log(f"training {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} parameters on "
             f"{len(train_set)} samples {until} ({accelerator.num_processes} process(es), "
             f"{precision_name(t.mixed_precision)})")
+    skills_file = out / "skills.json"
+    skills_before = load_before(skills_file) if replay is not None and cfg.data.skill_check else None
+    if replay is not None and cfg.data.skill_check and skills_before is None and is_main:
+        log("checking the starting model's skills (data.skill_check) ...")
+        skills_before = check_skills(model, processor, replay, cfg.data.max_length)
+        save_skills(skills_file, skills_before)
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(processor)
     model.train()
@@ -188,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if not accelerator.sync_gradients:
             continue
         step += 1
-        progress.update(clock.seconds() - progress.n if t.max_minutes else 1)
+        advance(progress, t, clock)
         stop = out_of_time(t, clock)
         if step % t.log_every == 0 or step == total_steps or stop:  # the last step is always logged
             elapsed = time.time() - window_start
@@ -225,9 +239,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         unwrapped = accelerator.unwrap_model(model)
         save_checkpoint(unwrapped, processor, out, save_llm=cfg.llm == "full")
         plot_curves(log_file, out / "training_curves.png")
+        if skills_before is not None:
+            skills_after = check_skills(unwrapped, processor, replay, cfg.data.max_length)
+            save_skills(skills_file, skills_before, skills_after)
+            record({"step": step, "skills_before": _accuracies(skills_before),
+                    "skills_after": _accuracies(skills_after)})
+            log(report(skills_before, skills_after, replayed=bool(replay.samples)))
         log(f"model written to {out} (serve it with: python serve.py --model {out})")
     accelerator.wait_for_everyone()
     return out
+
+
+def starting_skills_data(cfg: TrainConfig, log) -> ReplayData | None:
+    """The replay data (data.replay), or, for the default model without replay, its held-out data alone so the
+    skill check still runs; None when there is neither."""
+    if wanted(cfg.data.replay):
+        return load_replay(cfg.data.replay, cfg.data.replay_image_root, cfg.train.seed, log)
+    if cfg.data.skill_check and cfg.init == "default" and cfg.stage == "instruct":
+        held_out = default_replay(log)
+        held_out.samples, held_out.roots = [], []
+        return held_out
+    return None
+
+
+def _accuracies(skills: dict) -> dict:
+    return {name: s.get("accuracy", s.get("loss")) for name, s in skills.items()}
 
 
 UNBOUNDED = 10**12  # steps of a run that only its time budget ends
@@ -246,6 +282,12 @@ def training_progress(t, total_steps: int, step: int, clock: TrainingClock, disa
                     dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the "
                     "time budget [{elapsed}<{remaining}{postfix}]")
     return tqdm(total=total_steps, initial=step, disable=disable, desc="training", dynamic_ncols=True)
+
+
+def advance(progress: tqdm, t, clock: TrainingClock) -> None:
+    """One step done: under a budget the bar counts seconds, never past the budget (a tqdm bar drawn beyond its total
+    fails to format, which ended runs at their last step)."""
+    progress.update(min(clock.seconds(), progress.total) - progress.n if t.max_minutes else 1)
 
 
 def _cut_log(log_file: Path, step: int) -> None:

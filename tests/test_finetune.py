@@ -229,6 +229,44 @@ def test_the_custom_recipe_trains_a_model_for_its_time_budget(tiny_llm_dir, tmp_
     config = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert config["train"]["lr"] == 2e-4 and config["train"]["schedule"] == "minutes"
     load_model(str(tmp_path / "out"))
+    # the recipe replays the default model's own data and checks its skills before and after
+    assert "samples of default data mixed in" in proc.stdout + proc.stderr
+    skills = json.loads((tmp_path / "out" / "skills.json").read_text())
+    assert set(skills["before"]) == set(skills["after"]) == {"scenes (held out)", "easy-VQA test", "text questions"}
+    assert "the starting model's skills" in proc.stdout + proc.stderr
+
+
+def test_the_progress_bar_never_passes_the_time_budget():
+    """A run's last step lands past its budget: the bar stops at the budget instead of failing to draw (it ended
+    runs at their last step, before the final save)."""
+    from finetune.config import TrainSettings
+    from finetune.schedule import TrainingClock
+    from finetune.trainer import advance, training_progress
+
+    t = TrainSettings(max_minutes=0.01, schedule="minutes")
+    clock = TrainingClock(already=5.0)  # 5 s into a 0.6 s budget
+    progress = training_progress(t, 10**12, 0, TrainingClock(), disable=False)
+    advance(progress, t, clock)
+    str(progress)  # what tqdm draws
+    assert progress.n == progress.total
+    progress.close()
+
+
+def test_replay_of_a_file_is_mixed_in_at_its_share_and_skills_are_reported(tiny_llm_dir, tmp_path, scenes):
+    """data.replay=FILE: a held-out slice of it measures the starting model before and after; the rest joins the
+    training samples at data.replay_share; a missing replay file is refused before any model loads."""
+    recipe = tiny_recipe(tmp_path, tiny_llm_dir, scenes, max_steps=2, eval_every=0)
+    proc = run_finetune("--config", recipe, f"data.replay={scenes / 'test.jsonl'}",
+                        f"data.replay_image_root={scenes / 'images'}", "data.replay_share=0.5")
+    n_train = sum(1 for _ in open(scenes / "train.jsonl"))
+    assert f"replay: {n_train} samples of test.jsonl data mixed in (50% of {2 * n_train})" in proc.stdout + proc.stderr
+    skills = json.loads((tmp_path / "out" / "skills.json").read_text())
+    assert list(skills["before"]) == list(skills["after"]) == ["held-out test.jsonl"]
+    assert skills["before"]["held-out test.jsonl"]["loss"] > 0
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert any("skills_after" in e for e in log)
+    missing = run_finetune("--config", recipe, "data.replay=nowhere.jsonl", check=False)
+    assert missing.returncode == 2 and "data.replay = 'nowhere.jsonl': no such file" in missing.stderr
 
 
 def test_config_values_are_typed_by_the_recipe_fields(tmp_path):

@@ -1,0 +1,138 @@
+"""Replay: the starting model's own kind of data mixed back into a fine-tune, so it keeps what it knew.
+
+Training only on a new domain overwrites what the adapter had learnt (for the default model: its scenes,
+easy-VQA and plain chat). `data.replay` names data of the old kind: `default` for the default model's own
+(drawn scenes, easy-VQA's train split, text chat), or a file (LLaVA / messages JSON or JSONL) for any model.
+`data.replay_share` of each epoch's samples are drawn from it. A slice of it is held out (never trained on)
+for the skill check in finetune/skills.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import DataError, Sample, load_samples
+
+NONE_VALUES = (None, "", "none", "no", "null")
+REPLAY_SCENES = 1500  # drawn scenes in the default replay pool (seed 0: the scenes the default learnt from)
+HELD_OUT = 100  # samples of a replay file kept back for the skill check
+
+
+@dataclass
+class ReplayData:
+    """Samples to mix in, each with its image root, and the held-out sets the skill check reads."""
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+    roots: list = field(default_factory=list)
+    # skill name -> (samples, image roots): held-out data of the old kind
+    skill_sets: dict[str, tuple[list[Sample], list]] = field(default_factory=dict)
+    text_questions: bool = False  # the plain-chat check (finetune/skills.py TEXT_QUESTIONS) applies
+
+
+def wanted(replay) -> bool:
+    return replay not in NONE_VALUES
+
+
+def load_replay(replay: str, image_root: str | None, seed: int, log) -> ReplayData:
+    if replay == "default":
+        return default_replay(log)
+    path = Path(replay)
+    if not path.is_file():
+        raise DataError(f"data.replay = {replay!r}", "neither 'default', 'none' nor a data file")
+    samples, errors = load_samples(path)
+    if errors:
+        shown = "\n  ".join(str(e) for e in errors[:10])
+        raise DataError(f"data.replay {path}", f"{len(errors)} problem(s):\n  {shown}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = min(HELD_OUT, len(samples) // 5)  # a small file keeps most of itself for replay
+    held_out = [samples[i] for i in order[:held]]
+    kept = [samples[i] for i in order[held:]]
+    skill_sets = {f"held-out {path.name}": (held_out, [image_root] * len(held_out))} if held_out else {}
+    return ReplayData(path.name, kept, [image_root] * len(kept), skill_sets)
+
+
+def default_replay(log) -> ReplayData:
+    """The default model's training mix, drawn and converted once into the cache: its scenes (train split for
+    replay, test split for the check), easy-VQA (train for replay, test for the check) and its text chat."""
+    from assistant.weights.llm import cache_root
+
+    from .easyvqa_conversations import convert
+    from .scenes import write_split
+
+    cache = cache_root() / "replay" / "default"
+    scenes = cache / "scenes"
+    if not (scenes / "test_questions.jsonl").is_file():
+        log(f"drawing the default model's scenes for replay into {scenes} (once)")
+        scenes.mkdir(parents=True, exist_ok=True)
+        write_split(scenes, "train", REPLAY_SCENES, seed=0)
+        write_split(scenes, "test", 100, seed=0)
+    easy = cache / "easyvqa_train.jsonl"
+    if not easy.is_file():
+        log(f"converting easy-VQA's train split for replay into {easy} (once)")
+        tmp = easy.with_suffix(".tmp")
+        convert(tmp)
+        tmp.replace(easy)
+    text = Path(__file__).with_name("text_chat.jsonl")
+    parts = [(scenes / "train.jsonl", scenes / "images", 1), (easy, "easy-vqa:train", 1), (text, None, 8)]
+    samples, roots = [], []
+    for path, root, repeat in parts:
+        more, errors = load_samples(path)
+        if errors:
+            raise DataError(f"data.replay {path}", str(errors[0]))
+        samples += more * repeat
+        roots += [root] * (len(more) * repeat)
+    skill_sets = {
+        "scenes (held out)": _question_samples(scenes / "test_questions.jsonl", scenes / "images", 100),
+        "easy-VQA test": _easyvqa_test(100),
+    }
+    return ReplayData("default", samples, roots, skill_sets, text_questions=True)
+
+
+def _question_samples(path: Path, root, limit: int) -> tuple[list[Sample], list]:
+    """One-question samples from a questions file (question, answer, image) in LLaVA form."""
+    import json
+
+    from .data import RawRecord, parse_record
+    from .scenes import SHORT
+
+    out = []
+    for k, line in enumerate(path.read_text().splitlines()[:limit]):
+        q = json.loads(line)
+        record = {"id": q["question_id"], "image": q["image"], "conversations": [
+            {"from": "human", "value": f"<image>\n{q['question']}\n{SHORT}"}, {"from": "gpt", "value": q["answer"]}]}
+        out.append(parse_record(RawRecord(k, k + 1, record, f"{path}:{k + 1}")))
+    return out, [root] * len(out)
+
+
+def _easyvqa_test(limit: int) -> tuple[list[Sample], list]:
+    from assistant.vqa.easy_vqa import questions
+
+    from .data import RawRecord, parse_record
+    from .scenes import SHORT
+
+    out = []
+    for q in questions("test")[:limit]:
+        text = q["question"][0].upper() + q["question"][1:]
+        record = {"id": q["question_id"], "image": q["image"], "conversations": [
+            {"from": "human", "value": f"<image>\n{text}\n{SHORT}"}, {"from": "gpt", "value": q["answer"]}]}
+        out.append(parse_record(RawRecord(len(out), None, record, f"easy-VQA test {q['question_id']}")))
+    return out, ["easy-vqa:test"] * len(out)
+
+
+def mix(samples: list, roots: list, replay: ReplayData, share: float, seed: int) -> tuple[list, list, int]:
+    """`samples` plus replay samples making up `share` of the result (drawn without repeats until the pool
+    runs out). Returns (samples, roots, number of replay samples)."""
+    if not replay.samples or share <= 0:
+        return samples, roots, 0
+    n = round(len(samples) * share / (1 - share))
+    order = []
+    rng = random.Random(seed)
+    while len(order) < n:
+        more = list(range(len(replay.samples)))
+        rng.shuffle(more)
+        order += more
+    order = order[:n]
+    return (samples + [replay.samples[i] for i in order], roots + [replay.roots[i] for i in order], n)
