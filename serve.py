@@ -40,6 +40,7 @@ def build_app(engine, args):
     import gradio as gr
     from fastapi import FastAPI
 
+    from server.image_store import ImageStore
     from server.openai_api import build_router
     from server.ui import build_ui
 
@@ -48,13 +49,15 @@ def build_app(engine, args):
         if ":" not in args.auth:
             raise SystemExit("error: --auth must look like USER:PASS")
         auth = tuple(args.auth.split(":", 1))
-    demo = build_ui(engine, max_image_mb=args.max_image_mb)
+    store = ImageStore()
+    demo = build_ui(engine, max_image_mb=args.max_image_mb, store=store, concurrency=args.concurrency)
     demo.queue(default_concurrency_limit=args.concurrency)
     app = FastAPI(title="Vision Assistant")
     app.include_router(build_router(engine, args.model_name, max_image_mb=args.max_image_mb,
                                     allow_remote_images=args.allow_remote_images, concurrency=args.concurrency,
                                     api_key=auth[1] if auth else None))
-    return gr.mount_gradio_app(app, demo, path="/", auth=auth), demo
+    app = gr.mount_gradio_app(app, demo, path="/", auth=auth, allowed_paths=[str(store.folder)])
+    return app, demo, store
 
 
 def compile_decode_steps(decoder) -> None:
@@ -108,10 +111,10 @@ def main(argv=None) -> int:
     args.model_name = "default" if args.model == "default" else os.path.basename(os.path.normpath(args.model))
     if not model.config.trained:
         print(f"note: {model.config.description}", file=sys.stderr)
-    app, demo = build_app(engine, args)
+    app, demo, store = build_app(engine, args)
     if args.share:
         compile_decode_steps(engine.runtime.decoder)
-        demo.launch(server_name=args.host, server_port=args.port, share=True,
+        demo.launch(server_name=args.host, server_port=args.port, share=True, allowed_paths=[str(store.folder)],
                     auth=tuple(args.auth.split(":", 1)) if args.auth else None)
         return 0
     import uvicorn

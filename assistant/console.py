@@ -19,6 +19,7 @@ def setup_logging(verbose: bool = False) -> None:
     when `verbose`."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("assistant").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("server").setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
         return
     for name in THIRD_PARTY:

@@ -1,8 +1,9 @@
-"""The Gradio chat: images in any turn, streaming, stop, retry, undo, edit, clear, settings, examples.
+"""The Gradio chat page: images in any turn (attach, paste or drop), streaming, Send that becomes Stop, retry,
+undo, edit, a new chat, settings, examples. What each control does is in chat_actions.py.
 
-The chat history lives in the browser tab's state (each tab is its own conversation); the engine
-session behind it (KV cache, encoded images) is found by the tab's session hash and re-synced with
-that history every turn, so retry / undo / edit never confuse it."""
+The conversation lives in the browser (it survives a reload) and names its images by their key in the
+server's image store; the engine session behind it (KV cache, encoded images) is found by the tab's session
+hash and re-synced with that history every turn, so retry / undo / edit never confuse it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from assistant.inputs.chat_format import ConversationError
 from assistant.inference.engine import Engine
-from assistant.inference.generation import GenerationConfig
-from assistant.inputs.images import ImageError
 
-from .conversation import (assistant_turn, chatbot_index_to_turn, check_upload, to_chatbot, to_engine,
-                           user_turn)
+from .chat_actions import CHAT_TEMPERATURE, CHAT_TOP_P, ChatActions
+from .image_store import ImageStore
+from .reply_line import ReplyLine
 from .sessions import SessionStore
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -27,112 +26,108 @@ EXAMPLES = [
     ("scene2.png", "Describe the image."),
     ("photo_cat.jpg", "What is in this picture?"),
 ]
+BROWSER_KEY = "vision-assistant-chat"
 
 
-def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore | None = None) -> gr.Blocks:
-    sessions = sessions or SessionStore()
+def about_model(engine: Engine) -> str:
     config = engine.model.config
-    max_bytes = int(max_image_mb * 1024 * 1024)
-    banner = ("**Untrained model.** " if not config.trained else "") + (config.description or "")
+    lines = [config.description or "",
+             f"- Language model: `{config.llm}`",
+             f"- Vision tower: {config.vision.model_type}; projector: {config.projector.type}"]
     if engine.runtime.quantized:
-        banner += (f" Weights: {engine.runtime.quantized} (for speed on the CPU; answers can differ slightly from "
-                   "full precision; `--quantize none` for fp32).")
+        lines.append(f"- Weights: {engine.runtime.quantized} for speed on this CPU (answers can differ slightly from "
+                     "full precision; start the server with `--quantize none` for full precision)")
+    lines += [f"- {note}" for note in engine.runtime.notes]
+    return "\n".join(lines)
 
-    def settings(system, temperature, top_p, max_tokens):
-        """Values from the settings panel (a browser may send None for an untouched field)."""
-        gen = GenerationConfig(max_new_tokens=int(max_tokens or 256), temperature=float(temperature or 0.0),
-                               top_p=float(top_p or 1.0))
-        return (system or "").strip() or None, gen
 
-    def generate(turns, system, temperature, top_p, max_tokens, request: gr.Request):
-        """Stream the assistant's reply to the last user turn; the state always holds the partial reply."""
-        session = sessions.get(request.session_hash if request else "default")
-        session.system_prompt, gen = settings(system, temperature, top_p, max_tokens)
-        messages, paths, keys = to_engine(turns)
-        session.sync(messages, paths, keys)
-        notices_before = len(session.notices)
-        turns = turns + [assistant_turn("")]
-        try:
-            for delta in engine.stream_chat(session, gen):
-                turns[-1] = assistant_turn(turns[-1]["text"] + delta)
-                yield to_chatbot(turns), turns
-        except (ConversationError, ImageError, ValueError) as e:
-            turns.pop()
-            raise gr.Error(str(e)) from None
-        if len(session.notices) > notices_before:
-            gr.Warning(session.notices[-1])
-        yield to_chatbot(turns), turns
+def header(engine: Engine) -> str:
+    config = engine.model.config
+    summary = config.summary or ("Untrained: it cannot see images yet." if not config.trained
+                                 else "Answers questions about the images you attach.")
+    return f"### Vision Assistant\n{summary}"
 
-    def respond(message, turns, system, temperature, top_p, max_tokens, request: gr.Request):
-        message = message or {}
-        text = (message.get("text") or "").strip()
-        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
-        if not text and not files:
-            raise gr.Error("Empty message: type a question or attach an image.")
-        for path in files:
-            try:
-                check_upload(path, max_bytes)
-            except ImageError as e:  # the message stays in the box; the chat goes on
-                raise gr.Error(f"Cannot use this image: {e}") from None
-        turns = list(turns or []) + [user_turn(text, files)]
-        yield gr.MultimodalTextbox(value=None), to_chatbot(turns), turns
-        for chat, new_turns in generate(turns, system, temperature, top_p, max_tokens, request):
-            yield gr.MultimodalTextbox(value=None), chat, new_turns
 
-    def retry(turns, system, temperature, top_p, max_tokens, request: gr.Request):
-        turns = list(turns or [])
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        if not turns:
-            raise gr.Error("Nothing to retry yet.")
-        yield from generate(turns, system, temperature, top_p, max_tokens, request)
-
-    def undo(turns):
-        """Remove the last exchange and put the question back in the box for editing."""
-        turns = list(turns or [])
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        if not turns:
-            return gr.MultimodalTextbox(), to_chatbot(turns), turns
-        last = turns.pop()
-        return gr.MultimodalTextbox(value={"text": last["text"], "files": last["images"]}), to_chatbot(turns), turns
-
-    def edit(turns, system, temperature, top_p, max_tokens, edit_data: gr.EditData, request: gr.Request):
-        turns = list(turns or [])
-        i = chatbot_index_to_turn(turns, edit_data.index)
-        if turns[i]["role"] != "user":
-            raise gr.Error("Only your own messages can be edited.")
-        turns = turns[:i] + [user_turn(str(edit_data.value), turns[i]["images"])]
-        yield from generate(turns, system, temperature, top_p, max_tokens, request)
-
-    def clear(request: gr.Request):
-        sessions.drop(request.session_hash if request else "default")
-        return [], []
+def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore | None = None,
+             store: ImageStore | None = None, concurrency: int = 1) -> gr.Blocks:
+    store = store or ImageStore()
+    actions = ChatActions(engine, store, sessions or SessionStore(), ReplyLine(concurrency),
+                          int(max_image_mb * 1024 * 1024))
 
     with gr.Blocks(title="Vision Assistant", fill_height=True) as demo:
-        gr.Markdown(f"### Vision Assistant\nModel: `{config.llm}` + {config.vision.model_type} vision tower, "
-                    f"{config.projector.type} projector. {banner}")
+        gr.Markdown(header(engine))
+        with gr.Accordion("About this model", open=False):
+            gr.Markdown(about_model(engine))
         turns = gr.State([])
-        chatbot = gr.Chatbot(label="Chat", height=480, editable="user", buttons=["copy"], scale=1)
-        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False,
-                                   placeholder="Ask about an image: attach one or more, or just chat", sources=["upload"])
+        pending = gr.State(False)  # the quick step asked for a reply
+        saved = gr.BrowserState([], storage_key=BROWSER_KEY, secret=store.browser_secret())
+        chatbot = gr.Chatbot(label="Chat", height=480, editable="user", buttons=["copy"], scale=1,
+                             group_consecutive_messages=False)
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, stop_btn=False,
+                                   placeholder="Ask about an image: attach, paste or drop one or more, or just chat",
+                                   sources=["upload"])
         with gr.Row():
-            stop_btn = gr.Button("Stop", variant="stop", size="sm")
             retry_btn = gr.Button("Retry", size="sm")
             undo_btn = gr.Button("Undo", size="sm")
-            clear_btn = gr.Button("Clear", size="sm")
+            new_btn = gr.Button("New chat", size="sm")
         with gr.Accordion("Settings", open=False):
             system = gr.Textbox(label="System prompt", placeholder="(the model's default)", lines=2)
-            temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+            temperature = gr.Slider(0, 2, value=CHAT_TEMPERATURE, step=0.05,
+                                    label="Temperature (0 = always the same answer)")
+            top_p = gr.Slider(0.05, 1, value=CHAT_TOP_P, step=0.05, label="Top-p")
             max_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
         knobs = [system, temperature, top_p, max_tokens]
         gr.Examples(examples=[[{"text": q, "files": [str(EXAMPLES_DIR / f)]}] for f, q in EXAMPLES], inputs=[box],
-                    label="Examples (the default model knows simple shapes and colours; try a photo to see its limits)")
-        chat_event = box.submit(respond, [box, turns, *knobs], [box, chatbot, turns], api_name="chat")
-        retry_event = retry_btn.click(retry, [turns, *knobs], [chatbot, turns], api_name="retry")
-        edit_event = chatbot.edit(edit, [turns, *knobs], [chatbot, turns], api_name=False)
-        undo_btn.click(undo, [turns], [box, chatbot, turns], api_name="undo")
-        clear_btn.click(clear, None, [chatbot, turns], api_name="clear")
-        stop_btn.click(None, None, None, cancels=[chat_event, retry_event, edit_event], api_name=False)
+                    label="Examples")
+
+        # Every event is queued (so its warnings reach the page) without a concurrency limit: the quick steps never
+        # wait behind a reply, and replies wait in the reply line, where a person can see their place.
+        quick = [box, chatbot, turns, pending]
+        controls = [box, chatbot, retry_btn, undo_btn, new_btn]
+
+        def busy(on: bool):
+            """While a reply streams: Send is Stop, and nothing may change the conversation under it."""
+            return (gr.MultimodalTextbox(submit_btn=not on, stop_btn=on), gr.Chatbot(editable=None if on else "user"),
+                    *(gr.Button(interactive=not on) for _ in range(3)))
+
+        def start(quick_result):
+            box_value, chat, new_turns, wanted = quick_result
+            if not wanted:
+                return quick_result + busy(False)[2:]
+            box_update = gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True) \
+                if isinstance(box_value, gr.MultimodalTextbox) else gr.MultimodalTextbox(submit_btn=False, stop_btn=True)
+            return (box_update, gr.Chatbot(value=chat, editable=None), new_turns, wanted) + busy(True)[2:]
+
+        def finish(current):
+            return (*busy(False), current, False)
+
+        def with_reply(event):
+            """The queued reply and the step that frees the controls, after a quick step."""
+            return (event.then(actions.reply, [turns, pending, *knobs], [chatbot, turns, box], api_name=False,
+                               concurrency_limit=None, show_progress="hidden")  # it waits in the reply line
+                    .then(finish, [turns], [*controls, saved, pending], concurrency_limit=None, api_name=False))
+
+        buttons = [retry_btn, undo_btn, new_btn]
+
+        def send(message, current, request: gr.Request):
+            return start(actions.send(message, current, request))
+
+        def retry(current, request: gr.Request):
+            return start(actions.retry(current, request))
+
+        def edit(current, edit_data: gr.EditData, request: gr.Request):
+            return start(actions.edit(current, edit_data, request))
+
+        with_reply(box.submit(send, [box, turns], [*quick, *buttons], concurrency_limit=None, api_name=False))
+        with_reply(retry_btn.click(retry, [turns], [*quick, *buttons], concurrency_limit=None, api_name=False))
+        with_reply(chatbot.edit(edit, [turns], [*quick, *buttons], concurrency_limit=None, api_name=False))
+        box.stop(actions.stop, None, None, concurrency_limit=None, api_name=False)
+        undo_btn.click(actions.undo, [turns], quick, concurrency_limit=None, api_name="undo").then(
+            lambda t: t, [turns], [saved], concurrency_limit=None, api_name=False)
+        for trigger in (new_btn.click, chatbot.clear):
+            trigger(actions.new_chat, None, quick, concurrency_limit=None, api_name=False).then(
+                lambda: ([], *busy(False)), None, [saved, *controls], concurrency_limit=None, api_name=False)
+        api_only = gr.Button(visible=False)  # one whole turn per call, for gradio_client scripts
+        api_only.click(actions.whole_turn, [box, turns, *knobs], [chatbot, turns], api_name="chat")
+        demo.load(actions.restore, [saved], [chatbot, turns], concurrency_limit=None, api_name=False)
     return demo

@@ -57,6 +57,7 @@ class ModelConfig:
     image_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     # Said to users in the UI and the CLI: what this model is and what it is good for.
     description: str = ""
+    summary: str = ""  # one line in plain words: what this model can and cannot see (the chat's header)
     trained: bool = True
 
     def to_dict(self) -> dict:

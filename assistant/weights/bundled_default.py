@@ -29,5 +29,6 @@ def untrained_default_config() -> ModelConfig:
             "UNTRAINED default: the real SmolLM2-135M-Instruct with a randomly initialised vision tower and "
             "projector. It chats about text but cannot see images yet."
         ),
+        summary="Untrained: it chats about text but cannot see images yet.",
         trained=False,
     )
