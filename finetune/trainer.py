@@ -131,6 +131,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     train_set, eval_set, _ = load_data(cfg, processor, log, replay)
     if len(train_set) == 0:
         raise SystemExit("no training samples left")
+    # before the training clock starts: the check is not part of the time budget
+    skills_file = out / "skills.json"
+    skills_before = load_before(skills_file) if replay is not None and cfg.data.skill_check else None
+    if replay is not None and cfg.data.skill_check and skills_before is None and is_main:
+        log("checking the starting model's skills (data.skill_check) ...")
+        skills_before = check_skills(model, processor, replay, cfg.data.max_length)
+        save_skills(skills_file, skills_before)
     per_epoch = math.ceil(len(train_set) / (t.batch_size * accelerator.num_processes))
     by_time = t.schedule == "minutes" and not t.max_steps  # the time budget ends the run, not the epochs
     total_steps = t.max_steps or (UNBOUNDED if by_time else max(1, math.ceil(per_epoch * t.epochs / t.grad_accum)))
@@ -151,12 +158,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log(f"training {sum(p.numel() for g in optimizer.param_groups for p in g['params']):,} parameters on "
             f"{len(train_set)} samples {until} ({accelerator.num_processes} process(es), "
             f"{precision_name(t.mixed_precision)})")
-    skills_file = out / "skills.json"
-    skills_before = load_before(skills_file) if replay is not None and cfg.data.skill_check else None
-    if replay is not None and cfg.data.skill_check and skills_before is None and is_main:
-        log("checking the starting model's skills (data.skill_check) ...")
-        skills_before = check_skills(model, processor, replay, cfg.data.max_length)
-        save_skills(skills_file, skills_before)
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(processor)
     model.train()
