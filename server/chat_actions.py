@@ -10,6 +10,7 @@ stays usable and keeps what was typed, and the server logs one line.
 from __future__ import annotations
 
 import logging
+import math
 
 import gradio as gr
 
@@ -18,7 +19,8 @@ from assistant.inference.generation import GenerationConfig
 from assistant.inputs.chat_format import ConversationError
 from assistant.inputs.images import ImageError
 
-from .conversation import assistant_turn, chatbot_index_to_turn, to_chatbot, to_engine, user_turn, valid_turns
+from .conversation import (assistant_turn, chatbot_index_to_turn, image_label, to_chatbot, to_engine, user_turn,
+                           valid_turns)
 from .image_store import ImageStore
 from .reply_line import ReplyLine
 from .sessions import SessionStore
@@ -131,6 +133,30 @@ class ChatActions:
         if box is not None:  # not answered: the reply said why in a warning
             raise gr.Error("Could not answer this message (see the server log).")
         return self._chat(turns), turns
+
+    def where_it_looked(self, turns, like: gr.LikeData, request: gr.Request):
+        """The relevance map of one answer over the conversation's images so far, and how much it relied on them:
+        (heatmaps with their labels, words, whether to open the panel)."""
+        from assistant.explain import heatmap
+
+        turns = list(turns or [])
+        try:
+            i, _ = chatbot_index_to_turn(turns, like.index if isinstance(like.index, int) else like.index[0])
+            if turns[i]["role"] != "assistant" or i == 0:
+                raise Problem("Choose one of the model's answers.")
+            messages, paths, keys = to_engine(turns[:i], self.store)
+            if not paths:
+                raise Problem("This answer came without an image: there is nothing to map.")
+            e = self.engine.explain(messages, [str(p) for p in paths], turns[i]["text"])
+        except Problem as problem:
+            return self._refused(problem, request) + (gr.skip(), gr.skip())
+        except (IndexError, ImageError, ValueError, ConversationError) as error:
+            return self._refused(Problem(f"Cannot explain this answer: {error}"), request) + (gr.skip(), gr.skip())
+        pictures = [(heatmap(path, m), image_label(k + 1)) for k, (path, m) in enumerate(zip(paths, e.maps))]
+        words = (f"**{e.reliance_words()}** With a blank image{'s' if len(paths) > 1 else ''} instead, each word of "
+                 f"the answer would be {math.exp(max(e.reliance, 0.0)):.1f}x less likely. Red marks the parts of the "
+                 f"image that pushed the model towards this answer ({e.seconds:.1f} s to compute).")
+        return pictures, words, gr.Accordion(open=True)
 
     def restore(self, saved):
         """The conversation saved in this browser, back after a reload."""

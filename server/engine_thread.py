@@ -46,6 +46,25 @@ class EngineThread:
         while True:
             self._jobs.get()()
 
+    def explain(self, messages, images, answer, method="gradient"):
+        """Engine.explain, computed on the engine thread."""
+        done = threading.Event()
+        result: list = []
+
+        def job() -> None:
+            try:
+                result.append(self.engine.explain(messages, images, answer, method))
+            except BaseException as e:  # raised on the caller's thread
+                result.append(e)
+            finally:
+                done.set()
+
+        self._jobs.put(job)
+        done.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
     def stream_chat(self, session, config=None, should_stop=None):
         """Engine.stream_chat, computed on the engine thread; closing this iterator (a client gone, Stop)
         stops the generation at its next token."""

@@ -164,6 +164,12 @@ def build_router(engine: Engine, model_name: str, *, max_image_mb: float = 10, a
             session = ChatSession(system_prompt=system)
             session.sync(messages, images, [f"api-{i}" for i in range(len(images))])
             engine.processor.encode(session.full_messages(), session.images)  # placeholder / image count check
+            explain = body.get("explain", False)  # this server's extension: where the model looked
+            if not isinstance(explain, bool):
+                raise APIError(400, "'explain' must be true or false", "explain")
+            if explain and not images:
+                raise APIError(400, "'explain' needs an image in the messages", "explain")
+            question = session.full_messages()
         except APIError as e:
             return error_response(e)
         except (ConversationError, ImageError, ValueError) as e:
@@ -171,22 +177,35 @@ def build_router(engine: Engine, model_name: str, *, max_image_mb: float = 10, a
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.get("stream"):
-            return StreamingResponse(stream(session, config, completion_id, created), media_type="text/event-stream")
+            return StreamingResponse(stream(session, config, completion_id, created, question if explain else None),
+                                     media_type="text/event-stream")
         import anyio
 
         try:
             text = await anyio.to_thread.run_sync(lambda: run(session, config))
+            response = {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": session.finish_reason}], "usage": session.usage}
+            if explain:
+                response["explanation"] = await anyio.to_thread.run_sync(
+                    lambda: explanation(question, session.images, text))
         except (ConversationError, ValueError) as e:
             return error_response(APIError(400, str(e)))
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": session.finish_reason}], "usage": session.usage}
+        return response
+
+    def explanation(question, images, answer) -> dict:
+        """The map as numbers and as PNG data URLs, one per image, with the image-reliance figures."""
+        from assistant.explain import heatmap, png_data_url
+
+        with slots:
+            e = engine.explain(question, images, answer)
+        return {**e.to_dict(), "heatmaps": [png_data_url(heatmap(im, m)) for im, m in zip(images, e.maps)]}
 
     def run(session, config) -> str:
         with slots:
             return "".join(engine.stream_chat(session, config)).strip()
 
-    def stream(session, config, completion_id, created):
+    def stream(session, config, completion_id, created, question=None):
         def chunk(delta, finish=None):
             data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -200,7 +219,14 @@ def build_router(engine: Engine, model_name: str, *, max_image_mb: float = 10, a
             except (ConversationError, ValueError) as e:
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
                 return
-            yield chunk({}, session.finish_reason)
-            yield "data: [DONE]\n\n"
+            final = json.loads(chunk({}, session.finish_reason)[len("data: "):])
+        if question is not None:  # the explanation rides on the last chunk
+            text = "".join(m["content"][0]["text"] for m in session.messages[-1:] if m["role"] == "assistant")
+            try:
+                final["explanation"] = explanation(question, session.images, text)
+            except (ConversationError, ValueError) as e:
+                final["explanation"] = {"error": str(e)}
+        yield f"data: {json.dumps(final)}\n\n"
+        yield "data: [DONE]\n\n"
 
     return router

@@ -27,6 +27,7 @@ EXAMPLES = [
     ("photo_cat.jpg", "What is in this picture?"),
 ]
 BROWSER_KEY = "vision-assistant-chat"
+WHERE = "Where did it look?"
 
 
 def about_model(engine: Engine) -> str:
@@ -62,10 +63,13 @@ def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore
         pending = gr.State(False)  # the quick step asked for a reply
         saved = gr.BrowserState([], storage_key=BROWSER_KEY, secret=store.browser_secret())
         chatbot = gr.Chatbot(label="Chat", height=480, editable="user", buttons=["copy"], scale=1,
-                             group_consecutive_messages=False)
+                             group_consecutive_messages=False, feedback_options=(WHERE,))
         box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, stop_btn=False,
                                    placeholder="Ask about an image: attach, paste or drop one or more, or just chat",
                                    sources=["upload"])
+        with gr.Accordion(WHERE, open=False) as where_panel:
+            where_words = gr.Markdown(f"Choose {WHERE!r} under one of the model's answers (the flag icon).")
+            where_images = gr.Gallery(label="Where the answer came from", columns=4, height=260, elem_id="where-gallery")
         with gr.Row():
             retry_btn = gr.Button("Retry", size="sm")
             undo_btn = gr.Button("Undo", size="sm")
@@ -129,5 +133,7 @@ def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore
                 lambda: ([], *busy(False)), None, [saved, *controls], concurrency_limit=None, api_name=False)
         api_only = gr.Button(visible=False)  # one whole turn per call, for gradio_client scripts
         api_only.click(actions.whole_turn, [box, turns, *knobs], [chatbot, turns], api_name="chat")
+        chatbot.like(actions.where_it_looked, [turns], [where_images, where_words, where_panel],
+                     concurrency_limit=None, api_name=False)
         demo.load(actions.restore, [saved], [chatbot, turns], concurrency_limit=None, api_name=False)
     return demo

@@ -175,6 +175,15 @@ def test_chat_page_never_blocks_and_keeps_the_conversation(server, browser, imag
     assert chat.users() == ["Image 1", "What colour is it?"] and len(chat.bots()) == 1
     chat.shot("07-edited-image-question")
 
+    # Where did it look: offered under each answer (the flag); the panel shows the image with its map, in words too.
+    page.locator("[data-testid='bot']").last.hover()
+    page.locator("button[aria-label='Feedback']").last.click()
+    page.locator("button", has_text="Where did it look?").first.click()
+    page.get_by_text("on the image.").first.wait_for(timeout=120_000)  # "... depended strongly / hardly on the image."
+    assert page.locator("#where-gallery img").count() >= 1
+    page.locator("#where-gallery").scroll_into_view_if_needed()
+    chat.shot("12-where-it-looked")
+
     # A reload brings the conversation back, images included.
     page.reload()
     page.locator("[data-testid='user']").first.wait_for(timeout=30_000)

@@ -115,6 +115,32 @@ def test_openai_client_plain_streaming_and_two_images(server):
     assert two.usage.prompt_tokens > 2 * 16
 
 
+def test_openai_explain_returns_the_map_as_numbers_and_png(server):
+    """`explain: true` (this server's extension) adds where the model looked; clients that do not send it see
+    nothing new. It is passed through the openai client's extra_body, as a user would."""
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused")
+    question = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(
+        random_image(5)))}}, {"type": "text", "text": "What is it?"}]}]
+    r = client.chat.completions.create(model="default", max_tokens=4, messages=question, extra_body={"explain": True})
+    e = r.model_extra["explanation"]
+    assert len(e["maps"]) == 1 and len(e["maps"][0]) == len(e["maps"][0][0]) >= 2
+    assert abs(sum(map(sum, e["maps"][0])) - 1) < 1e-4 and isinstance(e["reliance"], float) and e["reliance_words"]
+    png = base64.b64decode(e["heatmaps"][0].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    plain = client.chat.completions.create(model="default", max_tokens=4, messages=question)
+    assert "explanation" not in (plain.model_extra or {})
+    chunks = list(client.chat.completions.create(model="default", max_tokens=4, messages=question, stream=True,
+                                                 extra_body={"explain": True}))
+    assert "maps" in chunks[-1].model_extra["explanation"]
+    with pytest.raises(BadRequestError, match="needs an image"):
+        client.chat.completions.create(model="default", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"explain": True})
+    with pytest.raises(BadRequestError, match="true or false"):
+        client.chat.completions.create(model="default", max_tokens=4, messages=question, extra_body={"explain": "yes"})
+
+
 BAD_IMAGES = {
     "zero-byte": b"",
     "not an image": b"hello world",

@@ -233,6 +233,13 @@ class Engine:
                              "total_tokens": len(ids) + len(generated)}
             session.messages.append({"role": "assistant", "content": [{"type": "text", "text": stream.text.strip()}]})
 
+    def explain(self, messages: list[dict], images: list, answer: str, method: str = "gradient"):
+        """Where the model looked for `answer` to `messages` (assistant/explain.py)."""
+        from ..explain import explain
+
+        with replying():  # compiles that yield to replies wait (background_compile.py)
+            return explain(self.model, self.processor, messages, images, answer, method=method)
+
     def chat(self, session: ChatSession, config: GenerationConfig | None = None) -> str:
         return "".join(self.stream_chat(session, config))
 

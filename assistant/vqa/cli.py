@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-suffix", default=LLAVA_SHORT_ANSWER,
                      help=f"appended to each question on a new line (default: {LLAVA_SHORT_ANSWER!r}; '' for none)")
     run.add_argument("--limit", type=int, help="only the first N questions")
+    run.add_argument("--explain", metavar="DIR",
+                     help="also map where the model looked for each answer: a heatmap PNG per answer in DIR, the "
+                          "numbers (map, image reliance) in the answers file")
     run.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto", help=QUANTIZE_HELP)
     run.add_argument("--compile", choices=("auto", "always", "never"), default="auto",
                      help="compiled decode steps (CPU, int8): auto: at batch size 1 only; always: for full batches "
@@ -84,6 +87,8 @@ def run_command(args) -> int:
     from .runner import run_questions
 
     output = Path(args.output)
+    if args.explain and Path(args.explain).exists() and not Path(args.explain).is_dir():
+        raise InputError(f"--explain {args.explain}: a file, not a folder for the heatmaps")
     # before the model loads: an output that cannot be written would only fail after it
     if output.is_dir():
         raise InputError(f"--output {output}: a directory, not a file (answers are written as JSONL)")
@@ -109,7 +114,8 @@ def run_command(args) -> int:
         print(f"error: --model {args.model} cannot take this run's prompts: {problem}", file=sys.stderr)
         return 2
     counts = run_questions(Engine(model, processor, runtime), items, output, image_root, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
+                           max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix,
+                           explain_dir=Path(args.explain) if args.explain else None)
     rate = counts["answered"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
     print(f"{counts['answered']} answered, {counts['failed']} failed, {counts['skipped']} already in {output} "
           f"({rate:.2f} items/s)")

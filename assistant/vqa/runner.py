@@ -32,8 +32,11 @@ def answered_ids(output: Path) -> set[str]:
 
 
 def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *, batch_size: int = 16,
-                  max_new_tokens: int = 16, prompt_suffix: str = "", progress: bool = True) -> dict:
-    """Answer every item not yet in `output`; returns counts {"answered", "failed", "skipped", "seconds"}."""
+                  max_new_tokens: int = 16, prompt_suffix: str = "", progress: bool = True,
+                  explain_dir: Path | None = None) -> dict:
+    """Answer every item not yet in `output`; returns counts {"answered", "failed", "skipped", "seconds"}.
+    With `explain_dir`, each answer about an image also gets its relevance map: the numbers in its answer row,
+    a heatmap PNG in that folder (assistant/explain.py)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(output)
     todo = [it for it in items if str(it["question_id"]) not in done]
@@ -55,6 +58,8 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
                     records[id(it)] = {"question_id": it["question_id"], "error": str(answer)}
                 else:
                     records[id(it)] = {"question_id": it["question_id"], "question": it["question"], "answer": answer}
+                    if explain_dir is not None and ready_images(ready, it):
+                        records[id(it)]["explanation"] = _explanation(engine, ready, it, answer, explain_dir)
             for it in batch:  # in input order
                 record = records[id(it)]
                 counts["failed" if "error" in record else "answered"] += 1
@@ -64,6 +69,21 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
     bar.close()
     counts["seconds"] = time.time() - started
     return counts
+
+
+def ready_images(ready, item) -> list:
+    return next(r[1][1] for r in ready if r[0] is item)
+
+
+def _explanation(engine: Engine, ready, item, answer: str, folder: Path) -> dict:
+    from ..explain import heatmap
+
+    messages, images = next(r[1] for r in ready if r[0] is item)
+    e = engine.explain(messages, images, answer)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item["question_id"])) + ".png"
+    heatmap(images[0], e.maps[0]).save(folder / name)
+    return {**{k: v for k, v in e.to_dict().items() if k != "seconds"}, "heatmap": name}
 
 
 def _answer(engine: Engine, ready, config):
