@@ -117,6 +117,20 @@ def test_greedy_answers_match_transformers_in_chat_and_batches(case):
     assert engine.answer_batch([m for m, _ in items], [ims for _, ims in items], config) == expected, name
 
 
+def test_where_it_looked_on_checkpoints_made_elsewhere(case):
+    """The relevance map works for llava-hf (CLS kept or not, layer lists) and BLIP-2 (through its Q-Former):
+    one value per patch of the vision tower's grid, the same twice."""
+    from assistant.explain import explain
+
+    name, _, _, model, processor = case
+    messages = [image_turn("What is in the image?")]
+    first = explain(model, processor, messages, [IMAGE], "a square")
+    again = explain(model, processor, messages, [IMAGE], "a square")
+    side = int(model.vision_tower.num_patches ** 0.5)
+    assert len(first.maps) == 1 and first.maps[0].shape == (side, side), name
+    assert torch.equal(first.maps[0], again.maps[0]) and first.reliance is not None, name
+
+
 def test_end_tokens_come_from_generation_config(tmp_path):
     model, processor = load_model(str(llava_siglip_qwen2(tmp_path / "q")), quantize="none")
     ends = Engine(model, processor).end_ids
