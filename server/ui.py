@@ -69,7 +69,8 @@ def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore
                                    sources=["upload"])
         with gr.Accordion(WHERE, open=False) as where_panel:
             where_words = gr.Markdown(f"Choose {WHERE!r} under one of the model's answers (the flag icon).")
-            where_images = gr.Gallery(label="Where the answer came from", columns=4, height=260, elem_id="where-gallery")
+            where_images = gr.Gallery(label="Where the answer came from", columns=4, height=260, elem_id="where-gallery",
+                                      preview=False, object_fit="contain")
         with gr.Row():
             retry_btn = gr.Button("Retry", size="sm")
             undo_btn = gr.Button("Undo", size="sm")
