@@ -94,8 +94,7 @@ def explain(model, processor, messages: list[dict], images: list, answer: str, *
         maps, logprob = maps
         blank = None
         if reliance:
-            blank_images = [Image.new("RGB", (im.width, im.height) if hasattr(im, "width") else (224, 224),
-                                      (128, 128, 128)) for im in _as_pil(images)]
+            blank_images = [Image.new("RGB", im.size, (128, 128, 128)) for im in _as_pil(images)]
             with torch.no_grad():
                 blank_features = model.vision_tower(processor.preprocess_images(blank_images).to(model.device))
                 blank = float(_answer_logprobs(model, ids, answer_mask, blank_features).mean())
@@ -183,7 +182,7 @@ def _to_grid(relevance: torch.Tensor, vision_tower) -> torch.Tensor:
     return grid / total if total > 0 else grid
 
 
-def heatmap(image, relevance: torch.Tensor, processed_size: int | None = None) -> Image.Image:
+def heatmap(image, relevance: torch.Tensor) -> Image.Image:
     """The image with the map laid over it in red (stronger where the answer depended more on that patch)."""
     from .inputs.images import load_image
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py: this folder is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -122,17 +124,11 @@ def main() -> None:
         "seconds_per_explanation": {m: statistics.median(seconds[m]) for m in methods},
         "image_reliance_nats_per_token": {"image_questions_median": statistics.median(image_reliance),
                                           "text_questions_median": statistics.median(text_reliance)},
-        "cpu": _cpu(), "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
-
-def _cpu() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

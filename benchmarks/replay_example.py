@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py: this folder is on the path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = "Answer the question using a single word or phrase."
 QUESTIONS = ["What digit is this?", "Which digit is written here?", "What number is shown in the image?"]
@@ -86,7 +88,7 @@ def main() -> None:
     train, test, questions = write_digits(data)
     results = {"dataset": "scikit-learn digits, 8x8 upscaled to 64x64", "train_samples": sum(1 for _ in open(train)),
                "test_questions": sum(1 for _ in open(questions)), "minutes": args.minutes, "threads": args.threads,
-               "cpu": _cpu_name(), "arms": {}}
+               "cpu": cpu_name(), "arms": {}}
     results["accuracy_before"] = vqa_accuracy("default", questions, data / "images", out / "answers_before.jsonl",
                                               args.threads)
     runs = {}
@@ -118,12 +120,6 @@ def main() -> None:
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
-
-def _cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ def load_replay(replay: str, image_root: str | None, seed: int, log) -> ReplayDa
     return ReplayData(path.name, kept, [image_root] * len(kept), skill_sets)
 
 
-def default_replay(log) -> ReplayData:
+def default_replay(log, pool: bool = True) -> ReplayData:
     """The default model's training mix, drawn and converted once into the cache: its scenes (train split for
-    replay, test split for the check), easy-VQA (train for replay, test for the check) and its text chat."""
+    replay, test split for the check), easy-VQA (train for replay, test for the check) and its text chat.
+    `pool=False`: only the held-out sets, for a skill check without replay."""
     from assistant.weights.llm import cache_root
 
     from .easyvqa_conversations import convert
@@ -69,6 +70,12 @@ def default_replay(log) -> ReplayData:
         scenes.mkdir(parents=True, exist_ok=True)
         write_split(scenes, "train", REPLAY_SCENES, seed=0)
         write_split(scenes, "test", 100, seed=0)
+    skill_sets = {
+        "scenes (held out)": _question_samples(scenes / "test_questions.jsonl", scenes / "images", 100),
+        "easy-VQA test": _easyvqa_test(100),
+    }
+    if not pool:
+        return ReplayData("default", [], [], skill_sets, text_questions=True)
     easy = cache / "easyvqa_train.jsonl"
     if not easy.is_file():
         log(f"converting easy-VQA's train split for replay into {easy} (once)")
@@ -84,42 +91,35 @@ def default_replay(log) -> ReplayData:
             raise DataError(f"data.replay {path}", str(errors[0]))
         samples += more * repeat
         roots += [root] * (len(more) * repeat)
-    skill_sets = {
-        "scenes (held out)": _question_samples(scenes / "test_questions.jsonl", scenes / "images", 100),
-        "easy-VQA test": _easyvqa_test(100),
-    }
     return ReplayData("default", samples, roots, skill_sets, text_questions=True)
 
 
 def _question_samples(path: Path, root, limit: int) -> tuple[list[Sample], list]:
-    """One-question samples from a questions file (question, answer, image) in LLaVA form."""
+    """The first `limit` questions of a questions file (question_id, image, question, answer) as samples."""
     import json
 
-    from .data import RawRecord, parse_record
-    from .scenes import SHORT
-
-    out = []
-    for k, line in enumerate(path.read_text().splitlines()[:limit]):
-        q = json.loads(line)
-        record = {"id": q["question_id"], "image": q["image"], "conversations": [
-            {"from": "human", "value": f"<image>\n{q['question']}\n{SHORT}"}, {"from": "gpt", "value": q["answer"]}]}
-        out.append(parse_record(RawRecord(k, k + 1, record, f"{path}:{k + 1}")))
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:limit]]
+    out = [_one_question(q["question_id"], q["image"], q["question"], q["answer"], f"{path}:{k + 1}")
+           for k, q in enumerate(rows)]
     return out, [root] * len(out)
 
 
 def _easyvqa_test(limit: int) -> tuple[list[Sample], list]:
     from assistant.vqa.easy_vqa import questions
 
+    out = [_one_question(q["question_id"], q["image"], q["question"][0].upper() + q["question"][1:], q["answer"],
+                         f"easy-VQA test {q['question_id']}") for q in questions("test")[:limit]]
+    return out, ["easy-vqa:test"] * len(out)
+
+
+def _one_question(question_id, image: str, question: str, answer: str, where: str) -> Sample:
+    """An image, its question with the short-answer prompt the default model learnt with, and the answer."""
     from .data import RawRecord, parse_record
     from .scenes import SHORT
 
-    out = []
-    for q in questions("test")[:limit]:
-        text = q["question"][0].upper() + q["question"][1:]
-        record = {"id": q["question_id"], "image": q["image"], "conversations": [
-            {"from": "human", "value": f"<image>\n{text}\n{SHORT}"}, {"from": "gpt", "value": q["answer"]}]}
-        out.append(parse_record(RawRecord(len(out), None, record, f"easy-VQA test {q['question_id']}")))
-    return out, ["easy-vqa:test"] * len(out)
+    record = {"id": question_id, "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}\n{SHORT}"}, {"from": "gpt", "value": answer}]}
+    return parse_record(RawRecord(0, None, record, where))
 
 
 def mix(samples: list, roots: list, replay: ReplayData, share: float, seed: int) -> tuple[list, list, int]:

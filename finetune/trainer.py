@@ -257,9 +257,7 @@ def starting_skills_data(cfg: TrainConfig, log) -> ReplayData | None:
     if wanted(cfg.data.replay):
         return load_replay(cfg.data.replay, cfg.data.replay_image_root, cfg.train.seed, log)
     if cfg.data.skill_check and cfg.init == "default" and cfg.stage == "instruct":
-        held_out = default_replay(log)
-        held_out.samples, held_out.roots = [], []
-        return held_out
+        return default_replay(log, pool=False)
     return None
 
 

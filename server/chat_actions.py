@@ -70,9 +70,7 @@ class ChatActions:
         return gr.MultimodalTextbox(value=None), self._chat(turns, pending=True), turns, True
 
     def retry(self, turns, request: gr.Request):
-        turns = list(turns or [])
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = _without_trailing_replies(turns)
         if not turns:
             return self._refused(Problem("Nothing to retry yet."), request) + (gr.skip(), turns, False)
         self._stop(request).clear()
@@ -99,9 +97,7 @@ class ChatActions:
 
     def undo(self, turns, request: gr.Request):
         """Remove the last exchange and put the question back in the box, images included."""
-        turns = list(turns or [])
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
+        turns = _without_trailing_replies(turns)
         if not turns:
             return self._refused(Problem("Nothing to undo."), request) + (gr.skip(), turns, False)
         last = turns.pop()
@@ -241,6 +237,14 @@ class ChatActions:
         log.info("chat: %s", problem)
         gr.Warning(str(problem))
         return (gr.skip(),)
+
+
+def _without_trailing_replies(turns) -> list[dict]:
+    """The conversation up to and with its last question (the replies after it dropped)."""
+    turns = list(turns or [])
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    return turns
 
 
 def _tab(request) -> str:

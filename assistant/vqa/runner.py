@@ -53,13 +53,16 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
                     ready.append((it, prepare_item(it, image_root, prompt_suffix)))
                 except (ImageError, PathEscapeError, ValueError) as e:
                     records[id(it)] = {"question_id": it["question_id"], "error": str(e)}
+            prepared = {id(it): conversation for it, conversation in ready}
             for it, answer in _answer(engine, ready, config):
                 if isinstance(answer, Exception):
                     records[id(it)] = {"question_id": it["question_id"], "error": str(answer)}
                 else:
                     records[id(it)] = {"question_id": it["question_id"], "question": it["question"], "answer": answer}
-                    if explain_dir is not None and ready_images(ready, it):
-                        records[id(it)]["explanation"] = _explanation(engine, ready, it, answer, explain_dir)
+                    messages, images = prepared[id(it)]
+                    if explain_dir is not None and images:
+                        records[id(it)]["explanation"] = _explanation(engine, it, messages, images, answer,
+                                                                      explain_dir)
             for it in batch:  # in input order
                 record = records[id(it)]
                 counts["failed" if "error" in record else "answered"] += 1
@@ -71,14 +74,9 @@ def run_questions(engine: Engine, items: list[dict], output: Path, image_root, *
     return counts
 
 
-def ready_images(ready, item) -> list:
-    return next(r[1][1] for r in ready if r[0] is item)
-
-
-def _explanation(engine: Engine, ready, item, answer: str, folder: Path) -> dict:
+def _explanation(engine: Engine, item, messages, images, answer: str, folder: Path) -> dict:
     from ..explain import heatmap
 
-    messages, images = next(r[1] for r in ready if r[0] is item)
     e = engine.explain(messages, images, answer)
     folder.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item["question_id"])) + ".png"
