@@ -38,11 +38,15 @@ def test_one_map_per_image_over_its_patches_and_deterministic(tiny_llm_dir, proj
         explain(model, processor, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [], "hello")
 
 
-def test_the_default_model_looks_at_the_one_object_in_a_scene():
-    from assistant.weights.loading import load_model
+@pytest.mark.parametrize("runtime", ["plain", "cpu int8"])
+def test_the_default_model_looks_at_the_one_object_in_a_scene(runtime):
+    from assistant.weights.loading import load_for_inference, load_model
     from finetune.scenes import IMAGE_SIZE, SIZES, Thing, render
 
-    model, processor = load_model("default")
+    if runtime == "plain":
+        model, processor = load_model("default")
+    else:  # what serve.py runs by default: int8 layers, fused projections, the CPU attention function
+        model, processor, _ = load_for_inference("default", quantize="int8")
     side = int(model.vision_tower.num_patches ** 0.5)
     cell = IMAGE_SIZE / side
     placed = [Thing("triangle", "green", "large", 22, 70), Thing("circle", "blue", "large", 74, 24),
@@ -52,6 +56,7 @@ def test_the_default_model_looks_at_the_one_object_in_a_scene():
         messages = image_question(f"What color is the {thing.shape}?\nAnswer the question using a single word or "
                                   "phrase.")
         e = explain(model, processor, messages, [image], thing.colour)
+        assert e.method == "gradient", e.notes  # not the occlusion fallback
         row, col = e.peak()
         r = SIZES[thing.size]
         assert col * cell < thing.x + r and thing.x - r < (col + 1) * cell, (thing, e.peak())

@@ -48,7 +48,30 @@ def _dynamic_int8(linear: torch.nn.Linear):
     with warnings.catch_warnings():  # torch.ao's notice that eager quantisation moves to torchao
         warnings.simplefilter("ignore")
         linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.nn.quantized.dynamic.Linear.from_float(linear)
+        return Int8Linear.from_float(linear)
+
+
+class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """torch.ao's dynamic int8 linear layer, with a gradient for its input where one is asked for: int8's kernel
+    has none, and an explanation of an answer (assistant/explain.py) differentiates through the runtime's layers.
+    The gradient is the dequantised weight's, as if the layer were its full-precision equivalent."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Int8Product.apply(x, self)
+        return super().forward(x)
+
+
+class _Int8Product(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return torch.ao.nn.quantized.dynamic.Linear.forward(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.layer.weight().dequantize()
+        return (grad.to(weight.dtype) @ weight).to(grad.dtype), None
 
 
 class Bf16PromptLinear(torch.nn.Module):
