@@ -6,7 +6,8 @@ import torch
 
 from assistant.model.builder import build_model
 from assistant.model.config import ModelConfig
-from assistant.cpu.policy import training_precision
+from assistant.cpu.policy import bf16_training_attention_pays_off, training_precision
+from assistant.cpu.training_attention import use_for_training
 from assistant.weights.loading import load_model
 
 from .config import TrainConfig
@@ -26,8 +27,11 @@ def prepare_model(cfg: TrainConfig):
     model.vision_tower.requires_grad_(cfg.vision == "full")
     model.projector.requires_grad_(cfg.projector == "full")
     model.llm = prepare_llm(model.llm, cfg)
-    if training_precision(cfg.train.mixed_precision) == "bf16" and not cfg.train.quantize:
+    precision = training_precision(cfg.train.mixed_precision)
+    if precision == "bf16" and not cfg.train.quantize:
         frozen_weights_in_bf16(model.llm)
+    if bf16_training_attention_pays_off(precision, cfg.data.max_length):
+        use_for_training(model.llm)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from peft.helpers import disable_input_dtype_casting
 from tqdm import tqdm
 
 from assistant.weights.checkpoint import load_checkpoint, save_checkpoint
@@ -186,7 +187,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             else:
                 batch.pop("num_label_tokens")  # the model's loss already averages over labelled tokens
-                loss = model(**batch).loss
+                # under autocast peft's cast of each LoRA input to the adapter's fp32 is undone by the next product
+                with disable_input_dtype_casting(model, active=accelerator.mixed_precision != "no"):
+                    loss = model(**batch).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 if t.max_grad_norm:

@@ -97,6 +97,17 @@ def training_precision(setting: str = "auto") -> str:
     return "no" if has_accelerator() or not bf16_matmul_is_fast() else "bf16"
 
 
+# Training sequences up to this long use matrix-product attention (training_attention.py) under bf16 on a CPU;
+# longer ones keep SDPA, whose memory does not grow with the square of the length.
+MATRIX_TRAINING_ATTENTION_UP_TO = 1024
+
+
+def bf16_training_attention_pays_off(precision: str, max_length: int) -> bool:
+    """Whether to train with cpu/training_attention.py: under bf16 on a CPU, where PyTorch's flash-attention kernel
+    runs slower in bf16 than in fp32 while bf16 matrix products run twice as fast (docs/performance.md)."""
+    return precision == "bf16" and not has_accelerator() and max_length <= MATRIX_TRAINING_ATTENTION_UP_TO
+
+
 def compiled_steps_run_fast() -> bool:
     """Whether to compile decode steps on this CPU: where they beat the eager int8 steps, x86 with AVX-512 or AVX2
     (the int8 weights are what a step reads, through inductor's micro-GEMMs), elsewhere only with fast bf16."""
