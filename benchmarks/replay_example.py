@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from machine import cpu_name  # benchmarks/machine.py: this folder is on the path when run as a script
@@ -71,6 +72,14 @@ def vqa_accuracy(model: str, questions: Path, images: Path, out: Path, threads: 
     return json.loads(metrics.read_text())["vqa_accuracy"]
 
 
+def _replay_share(run_dir: Path) -> str:
+    """What the run's log says it mixed in (the share is of the training tokens)."""
+    for line in (run_dir.parent / f"{run_dir.name}.log").read_text().splitlines():
+        if line.startswith("replay: "):
+            return line[len("replay: "):]
+    return "none"
+
+
 def _env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
@@ -86,9 +95,12 @@ def main() -> None:
     out = Path(args.out).resolve()
     data = out / "data"
     train, test, questions = write_digits(data)
+    results_file = Path(args.results)
+    earlier = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    # arms not run this time keep their earlier figures
     results = {"dataset": "scikit-learn digits, 8x8 upscaled to 64x64", "train_samples": sum(1 for _ in open(train)),
                "test_questions": sum(1 for _ in open(questions)), "minutes": args.minutes, "threads": args.threads,
-               "cpu": cpu_name(), "arms": {}}
+               "cpu": cpu_name(), "arms": earlier.get("arms", {})}
     results["accuracy_before"] = vqa_accuracy("default", questions, data / "images", out / "answers_before.jsonl",
                                               args.threads)
     runs = {}
@@ -116,8 +128,10 @@ def main() -> None:
             "skills_after": {k: v.get("accuracy") for k, v in skills["after"].items()},
             "text_answer_words": [skills["before"]["text questions"]["mean_words"],
                                   skills["after"]["text questions"]["mean_words"]],
+            "run": {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": args.threads,
+                    "arms_at_once": args.arms, "replay_share": _replay_share(run_dir)},
         }
-    Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

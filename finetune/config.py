@@ -18,7 +18,7 @@ class DataConfig:
     eval_max_samples: int = 200
     extra: list = field(default_factory=list)  # more files to mix in: [{path, image_root, repeat}]
     # Keep what the starting model knew (finetune/replay.py): "default" (the default model's own data) or a file of
-    # the starting model's kind of data, mixed in at replay_share of the training samples; none: off.
+    # the starting model's kind of data, mixed in at replay_share of the training tokens; none: off.
     replay: str | None = None
     replay_image_root: str | None = None
     replay_share: float = 0.2
@@ -105,7 +105,7 @@ class TrainConfig:
             raise ValueError(f"config: train.mixed_precision must be auto, no, bf16 or fp16, not "
                              f"{self.train.mixed_precision!r}")
         if not 0 <= self.data.replay_share < 1:
-            raise ValueError(f"config: data.replay_share is the share of replayed samples, from 0 to below 1, not "
+            raise ValueError(f"config: data.replay_share is the share of replayed tokens, from 0 to below 1, not "
                              f"{self.data.replay_share}")
         replay = self.data.replay
         if replay not in (None, "", "none", "no", "null", "default") and not Path(replay).is_file():

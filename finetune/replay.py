@@ -3,7 +3,7 @@
 Training only on a new domain overwrites what the adapter had learnt (for the default model: its scenes,
 easy-VQA and plain chat). `data.replay` names data of the old kind: `default` for the default model's own
 (drawn scenes, easy-VQA's train split, text chat), or a file (LLaVA / messages JSON or JSONL) for any model.
-`data.replay_share` of each epoch's samples are drawn from it. A slice of it is held out (never trained on)
+`data.replay_share` of each epoch's tokens are drawn from it. A slice of it is held out (never trained on)
 for the skill check in finetune/skills.py.
 """
 
@@ -122,17 +122,35 @@ def _one_question(question_id, image: str, question: str, answer: str, where: st
     return parse_record(RawRecord(0, None, record, where))
 
 
-def mix(samples: list, roots: list, replay: ReplayData, share: float, seed: int) -> tuple[list, list, int]:
-    """`samples` plus replay samples making up `share` of the result (drawn without repeats until the pool
-    runs out). Returns (samples, roots, number of replay samples)."""
+def mix(samples: list, roots: list, replay: ReplayData, share: float, seed: int, length) -> tuple[list, list, int]:
+    """`samples` plus replay samples making up `share` of the result's tokens (`length(sample)` estimates a
+    sample's), drawn without repeats until the pool runs out. Counted in tokens, not samples: a replayed scene
+    conversation can be ten times as long as a one-question sample of the new data, and would otherwise take most
+    of the training. Returns (samples, roots, number of replay samples)."""
     if not replay.samples or share <= 0:
         return samples, roots, 0
-    n = round(len(samples) * share / (1 - share))
-    order = []
+    wanted_tokens = sum(length(s) for s in samples) * share / (1 - share)
     rng = random.Random(seed)
-    while len(order) < n:
-        more = list(range(len(replay.samples)))
-        rng.shuffle(more)
-        order += more
-    order = order[:n]
-    return (samples + [replay.samples[i] for i in order], roots + [replay.roots[i] for i in order], n)
+    order, tokens, pool = [], 0, []
+    while tokens < wanted_tokens:
+        if not pool:
+            pool = list(range(len(replay.samples)))
+            rng.shuffle(pool)
+        i = pool.pop()
+        order.append(i)
+        tokens += length(replay.samples[i])
+    return (samples + [replay.samples[i] for i in order], roots + [replay.roots[i] for i in order], len(order))
+
+
+def token_estimate(processor):
+    """A sample -> about how many tokens it takes: its text through the tokenizer, each image's positions and a
+    few tokens of the template's per message."""
+    tokenizer, per_image = processor.tokenizer, processor.chat.tokens_per_image
+
+    def length(sample: Sample) -> int:
+        text = " ".join(part.get("text", "") for m in sample.messages for part in m["content"]
+                        if isinstance(part, dict))
+        return len(tokenizer(text, add_special_tokens=False).input_ids) + per_image * len(sample.images) + \
+            5 * len(sample.messages)
+
+    return length

@@ -25,7 +25,7 @@ from .dataset import Collator, InstructionDataset
 from .evaluate import evaluate
 from .schedule import TrainingClock, make_scheduler, out_of_time
 from .model_setup import parameter_groups, prepare_model
-from .replay import ReplayData, default_replay, load_replay, mix, wanted
+from .replay import ReplayData, default_replay, load_replay, mix, token_estimate, wanted
 from .skills import check_skills, load_before, report, save_skills
 from .state import (atomic_directory, latest_checkpoint, optimizer_from_files, optimizer_to_files, prune_checkpoints,
                     rng_from_files, rng_to_files)
@@ -70,9 +70,10 @@ def load_data(cfg: TrainConfig, processor, log, replay: ReplayData | None = None
         roots = [r for i, r in enumerate(roots) if i not in held]
     eval_samples, eval_roots = eval_samples[:cfg.data.eval_max_samples], eval_roots[:cfg.data.eval_max_samples]
     if replay is not None and replay.samples:
-        samples, roots, n_replay = mix(samples, roots, replay, cfg.data.replay_share, cfg.train.seed)
-        log(f"replay: {n_replay} samples of {replay.name} data mixed in ({cfg.data.replay_share:.0%} of "
-            f"{len(samples)})")
+        samples, roots, n_replay = mix(samples, roots, replay, cfg.data.replay_share, cfg.train.seed,
+                                       token_estimate(processor))
+        log(f"replay: {n_replay} samples of {replay.name} data mixed in ({cfg.data.replay_share:.0%} of the "
+            f"training tokens, {n_replay} of {len(samples)} samples)")
     train = InstructionDataset(samples, roots, processor, cfg.data.max_length)
     evaluation = InstructionDataset(eval_samples, eval_roots, processor, cfg.data.max_length) if eval_samples else None
     return train, evaluation, errors

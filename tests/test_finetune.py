@@ -3,6 +3,7 @@ and kill -9 then resume giving the same weights as an uninterrupted run."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,7 +260,9 @@ def test_replay_of_a_file_is_mixed_in_at_its_share_and_skills_are_reported(tiny_
     proc = run_finetune("--config", recipe, f"data.replay={scenes / 'test.jsonl'}",
                         f"data.replay_image_root={scenes / 'images'}", "data.replay_share=0.5")
     n_train = sum(1 for _ in open(scenes / "train.jsonl"))
-    assert f"replay: {n_train} samples of test.jsonl data mixed in (50% of {2 * n_train})" in proc.stdout + proc.stderr
+    mixed = re.search(r"replay: (\d+) samples of test.jsonl data mixed in \(50% of the training tokens",
+                      proc.stdout + proc.stderr)
+    assert mixed and n_train / 2 <= int(mixed.group(1)) <= n_train * 2, proc.stdout + proc.stderr  # alike samples
     skills = json.loads((tmp_path / "out" / "skills.json").read_text())
     assert list(skills["before"]) == list(skills["after"]) == ["held-out test.jsonl"]
     assert skills["before"]["held-out test.jsonl"]["loss"] > 0
@@ -267,6 +270,21 @@ def test_replay_of_a_file_is_mixed_in_at_its_share_and_skills_are_reported(tiny_
     assert any("skills_after" in e for e in log)
     missing = run_finetune("--config", recipe, "data.replay=nowhere.jsonl", check=False)
     assert missing.returncode == 2 and "data.replay = 'nowhere.jsonl': no such file" in missing.stderr
+
+
+def test_replay_share_counts_tokens_not_samples():
+    """Long replay samples (scene conversations) next to short new ones: the share is of the tokens trained on."""
+    from finetune.replay import ReplayData, mix
+
+    new = [f"new-{i}" for i in range(100)]  # 10 tokens each: 1,000 tokens
+    replay = ReplayData("old", [f"old-{i}" for i in range(30)], [None] * 30)  # 50 tokens each
+    length = {**{s: 10 for s in new}, **{s: 50 for s in replay.samples}}.__getitem__
+    samples, roots, n = mix(new, [None] * 100, replay, 0.2, seed=0, length=length)
+    assert n == 5 and len(samples) == len(roots) == 105  # 250 of 1,250 tokens: 20%, where 25 samples would be 56%
+    assert len(set(samples[100:])) == 5 and all(s.startswith("old-") for s in samples[100:])
+    samples, _, n = mix(new, [None] * 100, replay, 0.75, seed=0, length=length)
+    assert n == 60 and len(set(samples[100:130])) == 30  # twice the pool (3,000 tokens): all once before repeats
+    assert mix(new, [None] * 100, replay, 0.0, seed=0, length=length)[2] == 0
 
 
 def test_config_values_are_typed_by_the_recipe_fields(tmp_path):
