@@ -41,7 +41,7 @@ def to_engine(turns: list[dict], store: ImageStore):
                 keys.append(key)
                 paths.append(store.path(key))
                 if numbered:
-                    parts.append({"type": "text", "text": f"{image_label(len(keys))}:\n"})
+                    parts.append({"type": "text", "text": f"{image_label(len(keys))}:"})
                 parts.append({"type": "image"})
             if t["text"]:
                 parts.append({"type": "text", "text": t["text"]})

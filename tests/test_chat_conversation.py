@@ -30,7 +30,7 @@ def test_one_image_is_not_labelled_and_several_are_numbered_in_order(store, tmp_
     turns = [user_turn("Compare.", [a, b]), assistant_turn("They differ."), user_turn("And this?", [c])]
     messages, paths, keys = to_engine(turns, store)
     texts = [p.get("text") for m in messages if m["role"] == "user" for p in m["content"]]
-    assert texts == ["Image 1:\n", None, "Image 2:\n", None, "Compare.", "Image 3:\n", None, "And this?"]
+    assert texts == ["Image 1:", None, "Image 2:", None, "Compare.", "Image 3:", None, "And this?"]
     assert keys == [a, b, c] and [p.name for p in paths] == [a, b, c]
 
 
