@@ -86,7 +86,7 @@ def explain(model, processor, messages: list[dict], images: list, answer: str, *
             features = model.vision_tower(pixels)  # (images, positions, channels)
         notes = []
         maps = _gradient(model, ids, answer_mask, features) if method == "gradient" else None
-        if maps is None and method == "gradient":  # a runtime whose layers pass no gradient (int8 for short inputs)
+        if maps is None and method == "gradient":  # a runtime whose layers pass no gradient to their input
             notes.append("this runtime passes no gradient: mapped by occlusion instead")
             method = "occlusion"
         if maps is None:

@@ -69,8 +69,9 @@ def build_ui(engine: Engine, *, max_image_mb: float = 10, sessions: SessionStore
                                    sources=["upload"])
         with gr.Accordion(WHERE, open=False) as where_panel:
             where_words = gr.Markdown(f"Choose {WHERE!r} under one of the model's answers (the flag icon).")
+            # fit_columns=False: one image keeps a column's width instead of stretching over the whole row
             where_images = gr.Gallery(label="Where the answer came from", columns=4, height=260, elem_id="where-gallery",
-                                      preview=False, object_fit="contain")
+                                      object_fit="contain", fit_columns=False, interactive=False)
         with gr.Row():
             retry_btn = gr.Button("Retry", size="sm")
             undo_btn = gr.Button("Undo", size="sm")

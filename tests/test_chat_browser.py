@@ -182,6 +182,8 @@ def test_chat_page_never_blocks_and_keeps_the_conversation(server, browser, imag
     page.get_by_text("on the image.").first.wait_for(timeout=120_000)  # "... depended strongly / hardly on the image."
     assert page.locator("#where-gallery img").count() >= 1
     page.locator("#where-gallery").scroll_into_view_if_needed()
+    gallery, first = page.locator("#where-gallery").bounding_box(), page.locator("#where-gallery img").first.bounding_box()
+    assert first["width"] < gallery["width"] / 2, (first, gallery)  # a thumbnail, not one image over the whole row
     chat.shot("12-where-it-looked")
 
     # A reload brings the conversation back, images included.
