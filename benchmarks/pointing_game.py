@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--methods", default="gradient,occlusion")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=60, help="questions the methods after the first are run on (cost)")
+    p.add_argument("--quantize", default="none", help="none: the plain model; int8 (or auto): the CPU runtime serve.py "
+                   "runs by default")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results_pointing_game.json"))
     args = p.parse_args()
 
@@ -68,12 +70,12 @@ def main() -> None:
     from assistant.explain import explain
     from assistant.inference.engine import Engine
     from assistant.inference.generation import GenerationConfig
-    from assistant.weights.loading import load_model
+    from assistant.weights.loading import load_for_inference
     from finetune.scenes import IMAGE_SIZE, render, sample_scene
 
     torch.manual_seed(0)
-    model, processor = load_model(args.model)
-    engine = Engine(model, processor)
+    model, processor, runtime = load_for_inference(args.model, quantize=args.quantize)
+    engine = Engine(model, processor, runtime)
     grid = int(model.vision_tower.num_patches ** 0.5)
     rng = random.Random(args.seed)
     items = []
@@ -88,6 +90,7 @@ def main() -> None:
     hits = {m: 0 for m in methods}
     counted = {m: 0 for m in methods}
     seconds = {m: [] for m in methods}
+    fell_back = {m: 0 for m in methods}
     centre_hits = random_hits = 0
     image_reliance, text_reliance = [], []
     for k, (image, question, thing) in enumerate(items):
@@ -99,6 +102,7 @@ def main() -> None:
             counted[method] += 1
             e = explain(model, processor, messages, [image], answer, method=method, reliance=method == methods[0])
             hits[method] += hit(e.peak(), thing, grid, IMAGE_SIZE)
+            fell_back[method] += e.method != method  # e.g. a runtime passing no gradient: occlusion instead
             seconds[method].append(e.seconds)
             if method == methods[0]:
                 image_reliance.append(e.reliance)
@@ -117,9 +121,9 @@ def main() -> None:
         text_reliance.append(explain(model, processor, messages, [image], answer).reliance)
     n = len(items)
     result = {
-        "model": args.model, "scenes": args.scenes, "questions": n, "grid": f"{grid}x{grid}",
+        "model": args.model, "runtime": runtime.quantized or "plain", "scenes": args.scenes, "questions": n, "grid": f"{grid}x{grid}",
         "pointing_game": {m: 100 * hits[m] / counted[m] for m in methods},
-        "questions_per_method": counted,
+        "questions_per_method": counted, "fell_back_to_another_method": fell_back,
         "baselines": {"centre": 100 * centre_hits / n, "random": 100 * random_hits / n},
         "seconds_per_explanation": {m: statistics.median(seconds[m]) for m in methods},
         "image_reliance_nats_per_token": {"image_questions_median": statistics.median(image_reliance),
