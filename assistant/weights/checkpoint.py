@@ -81,7 +81,7 @@ def _write(model, processor, out: Path, save_llm: bool) -> None:
     (out / TEMPLATE_NAME).write_text(processor.chat.chat_template)
     llm = model.llm
     if isinstance(llm, PeftModel):
-        llm.save_pretrained(out / "adapter", safe_serialization=True)
+        llm.save_pretrained(out / "adapter", safe_serialization=True, save_embedding_layers=_embeddings_adapted(llm))
         # the base model as the spec names it ("smollm2-135m-instruct", a hub id), not this machine's cache path
         adapter_config = out / "adapter" / "adapter_config.json"
         settings = json.loads(adapter_config.read_text())
@@ -124,3 +124,13 @@ def load_checkpoint(directory, *, quantize=None, device_map=None, llm_override: 
         model.llm = PeftModel.from_pretrained(model.llm, str(directory / "adapter"), is_trainable=False)
     model.eval()
     return model, processor
+
+
+def _embeddings_adapted(llm) -> bool | str:
+    """peft's `save_embedding_layers`: "auto" where the adapter targets embedding layers, otherwise False. peft's
+    "auto" would otherwise look the base model up on the hub at every save to see whether the vocabulary grew
+    (a network call, and a warning offline); the embeddings a loader resizes are resized again when it loads."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    targets = llm.peft_config[llm.active_adapter].target_modules or ()
+    return "auto" if not isinstance(targets, str) and any(n in targets for n in EMBEDDING_LAYER_NAMES) else False
