@@ -25,7 +25,7 @@ from assistant.inference.engine import ChatSession, Engine  # noqa: E402
 from assistant.inference.generation import GenerationConfig  # noqa: E402
 from assistant.weights.loading import load_for_inference  # noqa: E402
 from finetune.data import RawRecord, parse_record  # noqa: E402
-from finetune.multi_image import answer_in, draw_scenes, write_split  # noqa: E402
+from finetune.multi_image import ORDINALS, answer_in, draw_scenes, label, write_split  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -85,8 +85,7 @@ def _right_elsewhere(row, answer: str, i: int) -> bool:
     for j, things in enumerate(scenes):
         if j == row["image_asked"]:
             continue
-        for name in (f"Image {row['image_asked'] + 1}", f"the {['first', 'second', 'third'][row['image_asked']]} image",
-                     "this image"):
+        for name in (label(row["image_asked"]), f"the {ORDINALS[row['image_asked']]} image", "this image"):
             if name in template:
                 other = answer_in(template.replace(name, "{where}"), things)
                 if other is not None and other.lower() == answer:

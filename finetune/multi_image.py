@@ -92,31 +92,25 @@ def conversation(split: str, seed: int, image_dir: Path, i: int, max_turns: int 
         render(things, rng).save(image_dir / name)
         names.append(name)
     asked = questions(scenes, rng)[:max_turns]
-    turns, shown, question_rows = [], 0, []
+    turns = []
     attach_later = rng.random() < 0.4
     if attach_later:  # image j arrives with a question about it, unnamed: "this" image is the new one
         for j, things in enumerate(scenes):
             kind, q, a = rng.choice(about_one(things))
-            intro = "".join(f"{label(k)}:<image>\n" for k in range(shown, j + 1))
-            shown = j + 1
-            turns.append((intro, q.replace(" in {where}", " in this image"), a, kind, j))
-    else:
-        shown = n
+            turns.append((f"{label(j)}:<image>\n", q.replace(" in {where}", " in this image"), a, kind, j))
     for kind, j, q, a in asked[:max_turns - len(turns)]:
-        intro = "".join(f"{label(k)}:<image>\n" for k in range(shown)) if not turns else ""
-        shown = n
+        intro = "" if turns else "".join(f"{label(k)}:<image>\n" for k in range(n))  # every image, first message
         text = q.replace("{where}", named(j, rng)) if j is not None else q
         turns.append((intro, text, a, kind, j))
     if rng.random() < 0.3:  # a description of one named image
         j = rng.randrange(n)
         turns.append(("", f"Describe {named(j, rng)}.", caption(scenes[j]), "describe", j))
-    lines = []
+    lines, question_rows = [], []
     for k, (intro, text, answer, kind, j) in enumerate(turns):
         short = "" if kind == "describe" else f"\n{SHORT}"
         lines += [{"from": "human", "value": f"{intro}{text}{short}"}, {"from": "gpt", "value": answer}]
         question_rows.append({"question_id": f"multi-{split}-{i}-{k}", "images": names, "question": text,
-                              "answer": answer, "question_type": kind, "image_asked": j,
-                              "single_turn": k == 0 and not attach_later})
+                              "answer": answer, "question_type": kind, "image_asked": j})
     record = {"id": f"multi-{split}-{i}", "image": names, "conversations": lines}
     return json.dumps(record) + "\n", "".join(json.dumps(r) + "\n" for r in question_rows)
 

@@ -206,27 +206,30 @@ def build_router(engine: Engine, model_name: str, *, max_image_mb: float = 10, a
             return "".join(engine.stream_chat(session, config)).strip()
 
     def stream(session, config, completion_id, created, question=None):
-        def chunk(delta, finish=None):
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+        def chunk(delta, finish=None) -> dict:
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        def event(data: dict) -> str:
             return f"data: {json.dumps(data)}\n\n"
 
+        pieces = []
         with slots:  # released when the client goes away too: Starlette closes this generator
-            yield chunk({"role": "assistant", "content": ""})
+            yield event(chunk({"role": "assistant", "content": ""}))
             try:
                 for piece in engine.stream_chat(session, config):
-                    yield chunk({"content": piece})
+                    pieces.append(piece)
+                    yield event(chunk({"content": piece}))
             except (ConversationError, ValueError) as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"
+                yield event({"error": {"message": str(e), "type": "invalid_request_error"}})
                 return
-            final = json.loads(chunk({}, session.finish_reason)[len("data: "):])
+            final = chunk({}, session.finish_reason)
         if question is not None:  # the explanation rides on the last chunk
-            text = "".join(m["content"][0]["text"] for m in session.messages[-1:] if m["role"] == "assistant")
             try:
-                final["explanation"] = explanation(question, session.images, text)
+                final["explanation"] = explanation(question, session.images, "".join(pieces).strip())
             except (ConversationError, ValueError) as e:
                 final["explanation"] = {"error": str(e)}
-        yield f"data: {json.dumps(final)}\n\n"
+        yield event(final)
         yield "data: [DONE]\n\n"
 
     return router

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import eager_mask
 
 NAME = "cpu_bf16_training"
 
 
 def bf16_training_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    groups = getattr(module, "num_key_value_groups", 1)  # grouped-query attention: query heads per key/value head
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask.to(scores.dtype)
