@@ -135,7 +135,10 @@ def main(argv=None) -> None:
         if getattr(args, option) < 0:
             p.error(f"--{option} is a number of conversations: 0 or more, not {getattr(args, option)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot make the folder ({e.strerror})")
     write_split(out, "train", args.train, args.seed)
     write_split(out, "test", args.test, args.seed)
     print(f"wrote {args.train} train and {args.test} test conversations over several images to {out}")

@@ -269,7 +269,10 @@ def main(argv=None) -> None:
     if args.workers < 1:
         p.error(f"--workers must be at least 1, not {args.workers}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot make the folder ({e.strerror})")
     splits = [("train", args.train), ("test", args.test), ("compositions", args.test)]
     for split, count in splits + ([("counting", args.counting)] if args.counting else []):
         write_split(out, split, count, args.seed, args.workers)

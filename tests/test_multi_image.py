@@ -52,3 +52,18 @@ def test_the_training_prompt_is_the_chats_prompt(tmp_path, tiny_llm_dir):
         {"from": "gpt", "value": "3"}]}, "x")).messages[:-1]
     rendered = [processor.chat.render(m, add_generation_prompt=True)[0] for m in (chat, data)]
     assert rendered[0] == rendered[1] and rendered[0].count("Image 1:") == 1
+
+
+def test_the_command_names_a_bad_output_folder_or_count(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "a_file").write_text("")
+    cases = [("finetune.multi_image", ["--out", str(tmp_path / "a_file")], "cannot make the folder (File exists)"),
+             ("finetune.scenes", ["--out", str(tmp_path / "a_file")], "cannot make the folder (File exists)"),
+             ("finetune.multi_image", ["--out", str(tmp_path / "x"), "--train", "-1"],
+              "--train is a number of conversations"),
+             ("finetune.scenes", ["--out", str(tmp_path / "x"), "--train", "-1"], "--train is a number of scenes")]
+    for module, args, said in cases:
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, (module, proc.stderr)
