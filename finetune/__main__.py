@@ -1,5 +1,5 @@
 """python -m finetune --config configs/train/<recipe>.yaml [--data FILE] [--image-root DIR]
-[--output-dir DIR] [--max-steps N] [--resume] [key=value ...]"""
+[--output-dir DIR] [--max-steps N] [--resume] [--verbose] [key=value ...]"""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
     parser.add_argument("--resume", action="store_true",
                         help="resume from the latest checkpoint in the output dir (one found there always resumes)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own warnings and progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    from assistant.console import setup_logging
+
+    setup_logging(args.verbose)
     overrides = list(args.overrides)
     for flag, key in (("data", "data.train"), ("image_root", "data.image_root"),
                       ("output_dir", "train.output_dir"), ("max_steps", "train.max_steps")):

@@ -235,6 +235,8 @@ def test_the_custom_recipe_trains_a_model_for_its_time_budget(tiny_llm_dir, tmp_
     skills = json.loads((tmp_path / "out" / "skills.json").read_text())
     assert set(skills["before"]) == set(skills["after"]) == {"scenes (held out)", "easy-VQA test", "text questions"}
     assert "the starting model's skills" in proc.stdout + proc.stderr
+    noise = ("Warning", "warn(", "Failed to load", "Loading weights", "Traceback")
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() if any(word in line for word in noise)]
 
 
 def test_the_progress_bar_never_passes_the_time_budget():
