@@ -57,8 +57,12 @@ def _average_module(modules: list, weights: list[float], what: str) -> None:
     for i, state in enumerate(states[1:], 1):
         if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):
             raise SoupError(f"model {i + 1}'s {what} has other parameters than model 1's: not the same architecture")
-    averaged = {key: sum(w * s[key].float() for w, s in zip(weights, states)).to(states[0][key].dtype)
-                if states[0][key].is_floating_point() else states[0][key] for key in states[0]}
+    averaged = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point() or all(torch.equal(first, s[key]) for s in states[1:]):
+            averaged[key] = first  # a part no model changed (frozen in the pass) stays bit for bit
+        else:
+            averaged[key] = sum(w * s[key].float() for w, s in zip(weights, states)).to(first.dtype)
     modules[0].load_state_dict(averaged)
 
 

@@ -57,6 +57,14 @@ def test_the_soup_averages_weight_updates_and_the_other_parts(two_models):
         torch.testing.assert_close(mixed.projector.state_dict()[key], value)
 
 
+def test_a_part_no_model_changed_stays_bit_for_bit(two_models):
+    a, b = (load_model(spec)[0] for spec in two_models)
+    b.vision_tower.load_state_dict(a.vision_tower.state_dict())
+    want = {k: v.clone() for k, v in a.vision_tower.state_dict().items()}
+    mixed = soup([a, b], [0.3, 0.7])
+    assert all(torch.equal(mixed.vision_tower.state_dict()[k], v) for k, v in want.items())
+
+
 def test_all_weight_on_one_model_gives_that_model(two_models):
     a, b = (load_model(spec)[0] for spec in two_models)
     want = logits(load_model(two_models[1])[0])
