@@ -2,7 +2,8 @@
 # Reproduces the bundled default model from scratch on a CPU (about 80 minutes on 2 cores):
 #   data -> stage 0 CLIP -> stage 1 align (two projectors) -> stage 2 LoRA (short run each, the
 #   better projector by held-out accuracy continues) -> assistant/default_model/.
-#   bash scripts/train_default.sh            (RUNS=runs/default, MINUTES=55 or STEPS=N for the final stage)
+#   bash scripts/train_default.sh            (RUNS=runs/default, MINUTES=55 or STEPS=N for the final stage;
+#                                             MULTI_IMAGE_STEPS=400 adds the pass on several images per conversation)
 #   An earlier shipped model came from MINUTES=50 (79 minutes in all on 2 CPU cores); the current one
 #   from scripts/train_default_gpu.sh (the same stages sized for one GPU).
 set -euo pipefail
@@ -84,6 +85,21 @@ if [ "$POLISH_STEPS" -gt 0 ]; then
   final=$RUNS/polish
 fi
 
+# Stage 2, third pass (MULTI_IMAGE_STEPS > 0): conversations over two or three scenes that name each image
+# ("Image 2", "the second image"), with the model's own data replayed beside them, then averaged with the model
+# before the pass (finetune.soup, SOUP_WEIGHT on the pass) to win back the single-image skills the pass wore down.
+MULTI_IMAGE_STEPS=${MULTI_IMAGE_STEPS:-0}
+SOUP_WEIGHT=${SOUP_WEIGHT:-0.7}
+if [ "$MULTI_IMAGE_STEPS" -gt 0 ]; then
+  python -m finetune.multi_image --out data/multi_image --train 3000 --test 200
+  python -m finetune --config configs/train/default_multi_image.yaml init=$final train.output_dir=$RUNS/multi_image \
+    train.max_steps=$MULTI_IMAGE_STEPS $EXTRA
+  python -m finetune.soup $final $RUNS/multi_image --weights $(awk "BEGIN {print 1 - $SOUP_WEIGHT}") $SOUP_WEIGHT \
+    --output-dir $RUNS/soup
+  before_soup=$final
+  final=$RUNS/soup
+fi
+
 want export || exit 0
 
 target=${TARGET:-assistant/default_model}
@@ -91,5 +107,9 @@ rm -rf $target && mkdir -p $target
 cp -r $final/{vlm_config.json,vision_tower.safetensors,projector.safetensors,preprocessor_config.json,adapter} $target/
 cp $RUNS/projector_comparison.json $final/{training_curves.png,train_log.jsonl} $target/ 2>/dev/null || true
 [ $final = $RUNS/instruct ] || cp $RUNS/instruct/train_log.jsonl $target/train_log_first_pass.jsonl
+if [ $final = $RUNS/soup ]; then  # an average has no log of its own: the pass before it and the multi-image pass
+  cp $before_soup/{training_curves.png,train_log.jsonl} $target/ 2>/dev/null || true
+  cp $RUNS/multi_image/train_log.jsonl $target/train_log_multi_image.jsonl
+fi
 du -sh $target
 echo "default model written to $target"

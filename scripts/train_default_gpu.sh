@@ -9,6 +9,8 @@
 # 4e-4, 36,000 scenes: scene i is the same in both; learning rate warmed up and annealed again over 7 minutes)
 # from the first pass's weights (carried there rounded to bf16), run beside a variant at batch 32 with the
 # recipe's rates (1,157 steps), which scored lower on the held-out scenes (89.6% against 90.5%).
+# The third pass (several images per conversation, MULTI_IMAGE_STEPS=400 at batch 4, then averaged with the second
+# pass's model by finetune.soup) ran on a 2-core CPU: 399 steps in 50 minutes at one thread.
 # The projector was chosen on the CPU run (assistant/default_model/projector_comparison.json); set
 # PROJECTORS="mlp2x_gelu qformer" to compare again.
 # For a fixed time budget instead of fixed steps: STEPS=0 STAGE2_EXTRA="train.schedule=minutes
@@ -18,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${WORKERS:-12}
 export SCENES=${SCENES:-36000} PROJECTORS=${PROJECTORS:-mlp2x_gelu} STEPS=${STEPS:-1400} POLISH_STEPS=${POLISH_STEPS:-744}
+export MULTI_IMAGE_STEPS=${MULTI_IMAGE_STEPS:-400}
 export STAGE0_EXTRA="train.batch_size=256 train.lr=1.0e-3 train.epochs=200 train.max_minutes=${CLIP_MINUTES:-1.5} data.num_workers=$WORKERS ${STAGE0_EXTRA:-}"
 export STAGE1_EXTRA="train.batch_size=64 train.lr=2.0e-3 train.max_minutes=${ALIGN_MINUTES:-0.5} data.num_workers=$WORKERS ${STAGE1_EXTRA:-}"
 export STAGE2_EXTRA="train.batch_size=32 train.lr=5.0e-4 train.projector_lr=5.0e-4 train.vision_lr=1.5e-4 train.epochs=100 train.eval_every=1000 train.save_every=1000 data.num_workers=$WORKERS train.max_minutes=${INSTRUCT_MAX_MINUTES:-10} ${STAGE2_EXTRA:-}"
