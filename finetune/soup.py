@@ -36,13 +36,15 @@ def soup(models: list, weights: list[float], rank: int | None = None):
         _average_module([getattr(m, part) for m in models], weights, part)
 
     llm = first.llm
+    own = llm.active_adapter  # its weights are copied below like every other model's
     names = []
     for i, model in enumerate(models):
         name = f"soup_input_{i}"
-        llm.add_adapter(name, model.llm.peft_config[model.llm.active_adapter])
-        set_peft_model_state_dict(llm, get_peft_model_state_dict(model.llm), adapter_name=name)
+        source = model.llm.active_adapter
+        llm.add_adapter(name, model.llm.peft_config[source])
+        set_peft_model_state_dict(llm, get_peft_model_state_dict(model.llm, adapter_name=source), adapter_name=name)
         names.append(name)
-    llm.delete_adapter("default")
+    llm.delete_adapter(own)
     rank = rank or max(llm.peft_config[name].r for name in names)
     with torch.no_grad():
         llm.add_weighted_adapter(names, list(weights), adapter_name="default", combination_type="svd", svd_rank=rank)
