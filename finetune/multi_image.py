@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from .scenes import SHORT, Thing, caption, render, sample_scene
+from .scenes import SHORT, Thing, caption, output_folder, render, sample_scene
 
 ORDINALS = ["first", "second", "third"]
 
@@ -134,11 +134,7 @@ def main(argv=None) -> None:
     for option in ("train", "test"):
         if getattr(args, option) < 0:
             p.error(f"--{option} is a number of conversations: 0 or more, not {getattr(args, option)}")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {out}: cannot make the folder ({e.strerror})")
+    out = output_folder(p, args.out)
     write_split(out, "train", args.train, args.seed)
     write_split(out, "test", args.test, args.seed)
     print(f"wrote {args.train} train and {args.test} test conversations over several images to {out}")

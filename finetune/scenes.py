@@ -253,6 +253,16 @@ def write_split(out: Path, split: str, count: int, seed: int, workers: int = 1) 
                 f.write(line)
 
 
+def output_folder(parser: argparse.ArgumentParser, out: str) -> Path:
+    """The generators' --out, made if missing; one that cannot be a folder is a usage error naming it."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {folder}: cannot make the folder ({e.strerror})")
+    return folder
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m finetune.scenes", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -268,11 +278,7 @@ def main(argv=None) -> None:
             p.error(f"--{option} is a number of scenes: 0 or more, not {getattr(args, option)}")
     if args.workers < 1:
         p.error(f"--workers must be at least 1, not {args.workers}")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {out}: cannot make the folder ({e.strerror})")
+    out = output_folder(p, args.out)
     splits = [("train", args.train), ("test", args.test), ("compositions", args.test)]
     for split, count in splits + ([("counting", args.counting)] if args.counting else []):
         write_split(out, split, count, args.seed, args.workers)
