@@ -22,16 +22,14 @@ def soup(models: list, weights: list[float], rank: int | None = None):
     "svd" combination at `rank` (default: the largest rank among them), everything else parameter-wise."""
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-    if len(models) != len(weights) or len(models) < 2:
-        raise SoupError(f"give two or more models and one weight each (got {len(models)} models, {len(weights)} "
-                        "weights)")
+    check_counts(len(models), len(weights))
     first = models[0]
     for i, model in enumerate(models[1:], 1):
         if model.config.llm != first.config.llm:
             raise SoupError(f"model {i + 1} adapts LLM {model.config.llm!r}, model 1 {first.config.llm!r}: only "
                             "models fine-tuned from the same LLM can be averaged")
-        if not isinstance(model.llm, PeftModel) or not isinstance(first.llm, PeftModel):
-            raise SoupError("every model needs a LoRA adapter (a model with its full LLM trained is not supported)")
+    if not all(isinstance(model.llm, PeftModel) for model in models):
+        raise SoupError("every model needs a LoRA adapter (a model with its full LLM trained is not supported)")
     for part in ("vision_tower", "projector"):
         _average_module([getattr(m, part) for m in models], weights, part)
 
@@ -52,6 +50,11 @@ def soup(models: list, weights: list[float], rank: int | None = None):
     for name in names:
         llm.delete_adapter(name)
     return first
+
+
+def check_counts(n_models: int, n_weights: int) -> None:
+    if n_models != n_weights or n_models < 2:
+        raise SoupError(f"give two or more models and one weight each (got {n_models} models, {n_weights} weights)")
 
 
 def _average_module(modules: list, weights: list[float], what: str) -> None:
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     from assistant.weights.loading import ModelSpecError, load_model
 
     try:
+        check_counts(len(args.models), len(args.weights))  # before any model is loaded
         loaded = [load_model(spec) for spec in args.models]
         model = soup([m for m, _ in loaded], args.weights, args.rank)
     except (ModelSpecError, SoupError, FileNotFoundError) as e:
